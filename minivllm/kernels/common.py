@@ -1,0 +1,73 @@
+"""Host-side helpers shared by the Triton attention kernels: validation and launch sizing."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+LOG2_E = 1.4426950408889634
+
+# Head dims that are not a power of two are padded up to one inside the kernels (masked), so
+# 80 and 96 cost the work of 128; the list keeps configs we have tested.
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; a small stand-in on CPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the caches have the layout the kernels assume."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cache dtypes {k_cache.dtype}/{v_cache.dtype} unsupported; "
+                         f"use one of {SUPPORTED_DTYPES}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if block_size % 16 != 0:
+        raise ValueError(f"block_size must be a multiple of 16, got {block_size}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} unsupported; use one of {SUPPORTED_HEAD_DIMS}")
+
+
+def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           out: torch.Tensor) -> int:
+    """Validate query/cache/output shapes; return the GQA group size (query heads per KV head)."""
+    check_cache_pair(k_cache, v_cache)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [num_tokens, num_heads, {head_dim}], got {tuple(q.shape)}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    if q.shape[1] % num_kv_heads != 0:
+        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q and out need a contiguous last (head_dim) dimension")
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must match q: {tuple(q.shape)} {q.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return q.shape[1] // num_kv_heads
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact float32 products: TF32 would silently cost ~3 digits."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,73 @@
+"""Triton kernel: scatter this step's new K/V rows into the paged cache at ``slot_mapping``."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from minivllm.kernels.common import check_cache_pair, next_pow2
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_slot, stride_c_head,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):
+    # One program per token: one row of Hkv * D elements for K and one for V.
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot < 0:  # padding token: its slot must never be touched
+        return
+    # The cache can exceed 2**31 elements: every cache offset is computed in int64.
+    block = slot // BLOCK_SIZE
+    offset_in_block = slot % BLOCK_SIZE
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
+
+    k = tl.load(k_ptr + token * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :],
+                mask=mask)
+    v = tl.load(v_ptr + token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :],
+                mask=mask)
+    dst = block * stride_c_block + offset_in_block * stride_c_slot \
+        + heads[:, None] * stride_c_head + dims[None, :]
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write ``k``/``v`` rows (``[num_tokens, num_kv_heads, head_dim]``) at their flat slots.
+
+    Slots ``< 0`` are padding and left untouched. Only ``slot_mapping.shape[0]`` rows are
+    stored, so ``k``/``v`` may carry extra (padding) rows. The launch grid depends only on
+    the number of tokens, which keeps the call CUDA-graph capturable.
+    """
+    check_cache_pair(k_cache, v_cache)
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if k.shape[1:] != (num_kv_heads, head_dim) or v.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"k/v rows {tuple(k.shape[1:])}/{tuple(v.shape[1:])} do not match the cache's "
+            f"(num_kv_heads, head_dim) = {(num_kv_heads, head_dim)}")
+    if k.shape[0] < num_tokens or v.shape[0] < num_tokens:
+        raise ValueError(f"slot_mapping has {num_tokens} entries but k/v only "
+                         f"{k.shape[0]}/{v.shape[0]} rows")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous last (head_dim) dimension")
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        HEADS_PAD=next_pow2(num_kv_heads), DIM_PAD=next_pow2(head_dim),
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 2,
+    )
