@@ -1,0 +1,82 @@
+"""Frontend side of a request: validate and tokenize prompts, fan ``n > 1`` out into sequences."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Union
+
+from minivllm.engine.request import Request
+from minivllm.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def child_request_id(request_id: str, index: int) -> str:
+    """Engine-core id of completion ``index`` of a request (one sequence each)."""
+    return f"{index}:{request_id}"
+
+
+class InputProcessor:
+    """Turns user prompts into validated token ids and engine-core ``Request`` objects."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        """Raises ValueError for an empty prompt, bad ids, or text without a tokenizer."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                self._check_ids(ids)
+                return ProcessedPrompt(prompt.get("prompt"), list(ids))
+            if "prompt" in prompt:
+                return self.process_prompt(prompt["prompt"])
+            raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead "
+                                 "(skip_tokenizer_init=True or the model has no tokenizer)")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError("prompt tokenized to zero tokens")
+            return ProcessedPrompt(prompt, ids)
+        if isinstance(prompt, (list, tuple)):
+            self._check_ids(prompt)
+            return ProcessedPrompt(None, list(prompt))
+        raise ValueError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _check_ids(self, ids: Any) -> None:
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        if not ids:
+            raise ValueError("prompt token list must not be empty")
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"prompt token ids must be integers, got {t!r}")
+            if t < 0 or t >= self.vocab_size:
+                raise ValueError(f"token id {t} is out of vocabulary (valid: 0..{self.vocab_size - 1})")
+
+    def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                      arrival_time: float | None = None) -> list[Request]:
+        """One engine ``Request`` per completion. Seeded ``n > 1`` completions get distinct,
+        reproducible seeds."""
+        now = time.time() if arrival_time is None else arrival_time
+        reqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i * 1_000_003
+            reqs.append(Request(
+                request_id=child_request_id(request_id, i),
+                prompt_token_ids=list(prompt.prompt_token_ids), params=params, arrival_time=now,
+                eos_token_ids=self.eos_token_ids, seed=seed))
+        return reqs

@@ -1,0 +1,27 @@
+"""What crosses between the engine core and its frontend (in-process now, ZMQ later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineCoreOutput:
+    """New tokens of one sequence from one step, and whether the core finished it."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None
+    new_sampled_logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineCoreOutputs:
+    """Everything one ``EngineCore.step()`` produced, plus step counters for progress bars."""
+
+    outputs: list[EngineCoreOutput] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0

@@ -1,0 +1,1 @@
+"""minivllm.entrypoints.openai"""

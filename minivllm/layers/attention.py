@@ -1,0 +1,28 @@
+"""Attention layer: head bookkeeping around a pluggable paged-attention backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minivllm.attention.base import AttentionBackend
+from minivllm.attention.metadata import AttentionMetadata
+
+
+class PagedAttention(nn.Module):
+    """Reshapes flat q/k/v into heads and hands them, with this layer's cache, to the backend."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` → ``[T, Hq * D]``."""
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

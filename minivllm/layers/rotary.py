@@ -1,0 +1,73 @@
+"""Rotary position embedding (HF "rotate half" layout), with llama3 / linear rope scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.x frequency remapping: long wavelengths slowed by ``factor``, short kept, a
+    smooth blend in between (the published llama3 recipe)."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context_len = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict | None) -> torch.Tensor:
+    """Per-pair inverse frequencies, after any supported scaling.
+
+    Raises:
+        ValueError: for a rope scaling type this project does not implement.
+    """
+    # float32 throughout, the way HF computes it, so float32 outputs match it bit for bit.
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = None
+    if rope_scaling:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling)
+    if rope_type == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embedding to q/k given absolute positions; cos/sin precomputed once."""
+
+    def __init__(self, head_dim: int, max_position: int, rope_theta: float,
+                 rope_scaling: dict | None = None) -> None:
+        super().__init__()
+        inv_freq = compute_inv_freq(head_dim, rope_theta, rope_scaling)
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())
+        # float32 cache: positions can be large, bf16 angles would lose precision.
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: ``[T, Hq, D]``, k: ``[T, Hk, D]``; returns rotated (q, k) in their dtype."""
+        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].float()
+    x2 = x[..., half:].float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

@@ -1,0 +1,219 @@
+"""Offline inference facade: ``LLM(...).generate(prompts, params)`` and ``.chat(messages)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
+                             resolve_device, resolve_dtype, validate_engine_args)
+from minivllm.engine.core import EngineCore
+from minivllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from minivllm.engine.output_processor import OutputProcessor
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+from minivllm.tokenizer import load_tokenizer, render_chat
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine_config(model: str | None, *, dtype: str | torch.dtype, device: str | torch.device,
+                        max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
+                        block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float,
+                        enable_prefix_caching: bool, enforce_eager: bool, seed: int, load_format: str,
+                        attention_backend: str, tensor_parallel_size: int,
+                        skip_tokenizer_init: bool) -> EngineConfig:
+    """Validate user arguments once and resolve them into a frozen ``EngineConfig``."""
+    validate_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
+                         load_format=load_format, tensor_parallel_size=tensor_parallel_size,
+                         max_model_len=max_model_len)
+    from minivllm.models.embedded import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    arch = ModelArchConfig.from_dir(model_dir)
+    if max_model_len is None:
+        max_model_len = arch.max_position_embeddings
+    elif max_model_len > arch.max_position_embeddings:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
+                         f"max_position_embeddings {arch.max_position_embeddings}")
+    dev = resolve_device(device)
+    if load_format == "auto":
+        load_format = "safetensors"
+    elif load_format == "gguf":
+        load_format = "safetensors"  # resolve_model_dir already converted the GGUF file
+    return EngineConfig(
+        model_dir=Path(model_dir), arch=arch, device=dev, dtype=resolve_dtype(dtype, dev),
+        load_format=load_format,
+        cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+        seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
+        tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init)
+
+
+class LLM:
+    """An engine for offline batch inference.
+
+    ``model=None`` runs the embedded SmolLM2-135M-Instruct. ``model`` may also be an HF
+    directory, a ``.gguf`` file, or a directory with a ``config.json`` and
+    ``load_format="dummy"`` for seeded random weights.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
+                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0,
+                 load_format: str = "auto", attention_backend: str = "auto",
+                 tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False) -> None:
+        self.config = build_engine_config(
+            model, dtype=dtype, device=device, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
+            load_format=load_format, attention_backend=attention_backend,
+            tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init)
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.config.model_dir)
+        eos = set(self.config.arch.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.engine = EngineCore(self.config)
+        self.input_processor = InputProcessor(self.tokenizer, self.config.arch.vocab_size,
+                                              self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    # ---- public API ----------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list; outputs are in input order.
+
+        Raises:
+            ValueError: a bad prompt or parameter list; nothing is run and the engine stays usable.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        processed = [self.input_processor.process_prompt(p) for p in prompt_list]
+        return self._run(processed, self._params_list(sampling_params, len(processed)), use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one OpenAI-style conversation or a list of them."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        processed = []
+        for conv in conversations:
+            text = render_chat(self.tokenizer, conv)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            processed.append(ProcessedPrompt(text, ids))
+        return self._run(processed, self._params_list(sampling_params, len(processed)), use_tqdm)
+
+    def stats(self) -> dict:
+        """Engine counters: preemptions, prefix-cache queries/hits (tokens), KV cache size/usage."""
+        return self.engine.stats()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- internals -----------------------------------------------------------------------
+    @staticmethod
+    def _params_list(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if isinstance(params, (list, tuple)):
+            if len(params) != n:
+                raise ValueError(f"got {len(params)} sampling params for {n} prompts; "
+                                 "pass one SamplingParams or a list of the same length")
+            for p in params:
+                if not isinstance(p, SamplingParams):
+                    raise ValueError(f"sampling_params entries must be SamplingParams, got {type(p).__name__}")
+            return list(params)
+        raise ValueError(f"sampling_params must be SamplingParams or a list of them, got {type(params).__name__}")
+
+    def _run(self, prompts: list[ProcessedPrompt], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        # Validate everything before queueing anything, so a bad prompt leaves no residue.
+        for p in prompts:
+            self.engine.check_request(len(p.prompt_token_ids))
+        order: dict[str, int] = {}
+        now = time.time()
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            rid = str(next(self._ids))
+            order[rid] = i
+            self.output_processor.add_request(rid, prompt, sp, now)
+            for req in self.input_processor.make_requests(rid, prompt, sp, now):
+                self.engine.add_request(req)
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = _ProgressBar(len(prompts), use_tqdm)
+        try:
+            while self.engine.has_unfinished:
+                step = self.engine.step()
+                finished, to_abort = self.output_processor.process(step.outputs)
+                self.engine.abort_requests(to_abort, reason="stop")
+                bar.update(len(finished), step.num_prefill_tokens, step.num_decode_tokens)
+                for out in finished:
+                    results[order[out.request_id]] = out
+        except BaseException:
+            # Leave the engine clean for the next call, whatever went wrong.
+            for rid in order:
+                self.output_processor.abort(rid)
+            self.engine.abort_requests(list(self.engine.requests))
+            raise
+        finally:
+            bar.close()
+        return [r for r in results if r is not None]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given (an empty list)")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a str, token ids, a dict or a list of them, got {type(prompts).__name__}")
+
+
+class _ProgressBar:
+    """tqdm bar of finished requests with prefill/decode throughput in the postfix."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.prefill = 0
+        self.decode = 0
+
+    def update(self, done: int, prefill_tokens: int, decode_tokens: int) -> None:
+        if self.bar is None:
+            return
+        self.prefill += prefill_tokens
+        self.decode += decode_tokens
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"prefill {self.prefill / dt:.0f} tok/s, decode {self.decode / dt:.0f} tok/s",
+                                 refresh=False)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

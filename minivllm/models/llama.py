@@ -1,0 +1,183 @@
+"""Llama-family decoder (SmolLM2, Llama 2/3) written with the project's own layers.
+
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) differ only in flags, see their files.
+q/k/v and gate/up projections are fused into one matmul each: fewer kernel launches per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from minivllm.attention.base import AttentionBackend
+from minivllm.attention.metadata import AttentionMetadata
+from minivllm.config import ModelArchConfig
+from minivllm.layers.activation import SiluAndMul
+from minivllm.layers.attention import PagedAttention
+from minivllm.layers.norm import RMSNorm
+from minivllm.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class DecoderAttention(nn.Module):
+    """GQA self-attention: fused qkv projection, optional q/k norm, rotary, paged attention."""
+
+    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
+                 qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block; the residual add is fused into the next norm."""
+
+    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
+                 qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions, x, residual, kv_cache, meta):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+# HF checkpoint name fragment → (our fused parameter, shard index).
+_STACKED = {
+    ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM. ``forward`` returns hidden states; ``compute_logits`` the vocab scores."""
+
+    qkv_bias_default = False
+    qk_norm = False
+
+    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        qkv_bias = cfg.attention_bias or self.qkv_bias_default
+        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm)
+            for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Shared by all layers; registered once here so .to() moves it.
+        self.rotary = rotary
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions: ``[T]`` → final hidden states ``[T, hidden]``."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits in float32 (sampling and logprobs want full precision)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into our (partly fused) parameters; returns names loaded.
+
+        Raises:
+            ValueError: on an unknown tensor name or a shape mismatch.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still store a copy
+            shard = None
+            for frag, (fused, idx) in _STACKED.items():
+                if frag in name:
+                    name, shard = name.replace(frag, fused), idx
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter")
+            param = params[name]
+            target = param.data if shard is None else self._shard_view(name, param.data, shard)
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)}, "
+                                 f"model {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.add(name if shard is None else f"{name}#{shard}")
+        return loaded
+
+    def expected_weight_names(self) -> set[str]:
+        names = set()
+        for name, param in self.named_parameters():
+            if ".qkv_proj." in name:
+                names.update(f"{name}#{i}" for i in range(3))
+            elif ".gate_up_proj." in name:
+                names.update(f"{name}#{i}" for i in range(2))
+            else:
+                names.add(name)
+        return names
+
+    def _shard_view(self, name: str, data: torch.Tensor, shard: int) -> torch.Tensor:
+        if ".qkv_proj." in name:
+            attn = self.layers[0].self_attn
+            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        else:
+            sizes = [self.cfg.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        return data.narrow(0, start, sizes[shard])

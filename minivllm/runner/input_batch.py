@@ -1,0 +1,65 @@
+"""Flatten a scheduled batch into the tensors the model and attention backend read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minivllm.attention.metadata import AttentionMetadata
+from minivllm.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # int64 [S]: rows whose hidden state is sampled
+    sampling_rows: list[int]  # indices into the scheduled requests that sample, same order
+
+
+def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+    """Vectorised host-side preparation, one host→device copy per tensor."""
+    num_tokens = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
+    starts = np.asarray([r.num_computed_tokens for r in sched.requests], dtype=np.int64)
+    query_start_loc = np.zeros(len(num_tokens) + 1, dtype=np.int32)
+    np.cumsum(num_tokens, out=query_start_loc[1:])
+    seq_lens = (starts + num_tokens).astype(np.int32)
+    total = int(query_start_loc[-1])
+
+    # positions[t] = start of its request + offset within the request's chunk
+    req_of_token = np.repeat(np.arange(len(num_tokens)), num_tokens)
+    positions = starts[req_of_token] + (np.arange(total) - query_start_loc[:-1][req_of_token])
+
+    input_ids = np.empty(total, dtype=np.int64)
+    max_blocks = max(len(r.block_ids) for r in sched.requests)
+    block_tables = np.zeros((len(num_tokens), max_blocks), dtype=np.int32)
+    for i, (req, n) in enumerate(zip(sched.requests, sched.num_scheduled_tokens)):
+        s = int(starts[i])
+        input_ids[query_start_loc[i]:query_start_loc[i + 1]] = req.token_slice(s, s + n)
+        block_tables[i, :len(req.block_ids)] = req.block_ids
+    slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+
+    sampling_rows = [i for i, req in enumerate(sched.requests) if seq_lens[i] == req.num_tokens]
+    logits_indices = query_start_loc[1:][sampling_rows].astype(np.int64) - 1
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device, non_blocking=True)
+
+    qsl_cpu = torch.from_numpy(query_start_loc)
+    seq_lens_cpu = torch.from_numpy(seq_lens)
+    meta = AttentionMetadata(
+        slot_mapping=dev(slot_mapping),
+        query_start_loc=dev(query_start_loc),
+        seq_lens=dev(seq_lens),
+        block_tables=dev(block_tables),
+        max_query_len=int(num_tokens.max()),
+        max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=qsl_cpu,
+        seq_lens_cpu=seq_lens_cpu,
+        num_actual_tokens=total,
+    )
+    return ModelInputs(dev(input_ids), dev(positions), meta, dev(logits_indices), sampling_rows)

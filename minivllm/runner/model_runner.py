@@ -1,0 +1,116 @@
+"""Owns the model, its KV cache and the sampler on one device; runs one step at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minivllm.attention.selector import get_attention_backend
+from minivllm.config import ModelArchConfig
+from minivllm.engine.request import Request
+from minivllm.engine.scheduler import SchedulerOutput
+from minivllm.layers.sampler import Sampler
+from minivllm.models.loader import load_model
+from minivllm.runner.input_batch import build_model_inputs
+from minivllm.runner.sampling_state import SamplingState
+
+CPU_KV_CACHE_BYTES = 1 << 30  # CPU has no memory profiler worth trusting: a fixed, modest cap
+GIB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens for the requests that completed their sequence this step."""
+
+    requests: list[Request]
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    sampled_logprobs: list[float | None]
+
+
+class ModelRunner:
+    """Input preparation, forward pass and sampling for one device."""
+
+    def __init__(self, *, model_dir, arch: ModelArchConfig, device: torch.device, dtype: torch.dtype,
+                 load_format: str, seed: int, attention_backend: str, max_position: int) -> None:
+        self.arch = arch
+        self.device = device
+        self.dtype = dtype
+        torch.manual_seed(seed)
+        self.backend = get_attention_backend(attention_backend, device)
+        self.model = load_model(arch, model_dir, self.backend, device, dtype, load_format, seed,
+                                max_position)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        self.sampler = Sampler(gen)
+        self.sampling_state = SamplingState(device, arch.vocab_size)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        a = self.arch
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * a.num_hidden_layers * block_size * a.num_key_value_heads * a.head_dim * elem
+
+    def auto_num_blocks(self, block_size: int, gpu_memory_utilization: float,
+                        max_num_batched_tokens: int) -> int:
+        """Blocks that fit: on CUDA in ``gpu_memory_utilization`` of the card after weights and
+        an activation reserve; on CPU in a fixed 1 GiB."""
+        per_block = self.kv_bytes_per_block(block_size)
+        if self.device.type != "cuda":
+            return max(CPU_KV_CACHE_BYTES // per_block, 1)
+        free, total = torch.cuda.mem_get_info(self.device)
+        a = self.arch
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        # Peak activations of one step, generously: a few hidden/MLP-sized buffers per token,
+        # plus float32 logits for up to max_num_seqs rows (bounded by the token budget).
+        act = max_num_batched_tokens * (4 * a.hidden_size + 3 * a.intermediate_size) * elem
+        act += min(max_num_batched_tokens, 1024) * a.vocab_size * 4 * 3
+        budget = free - (1 - gpu_memory_utilization) * total - act - GIB // 2
+        if budget < per_block:
+            raise ValueError("not enough GPU memory for the KV cache; raise gpu_memory_utilization "
+                             "or lower max_num_batched_tokens")
+        return int(budget // per_block)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        a = self.arch
+        shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(a.num_hidden_layers)]
+        self.block_size = block_size
+
+    # ---- the step ------------------------------------------------------------------------
+    def remove_request(self, request_id: str) -> None:
+        self.sampling_state.remove(request_id)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run the scheduled tokens through the model and sample for completed sequences."""
+        inputs = build_model_inputs(sched, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        reqs = [sched.requests[i] for i in inputs.sampling_rows]
+        if not reqs:
+            return StepResult([], [], [], [])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        md = self.sampling_state.build(reqs)
+        out = self.sampler(logits, md)
+        # The one device→host sync of the step.
+        token_ids = out.sampled_token_ids.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(reqs)
+        sampled_lp: list[float | None] = [None] * len(reqs)
+        if out.sampled_logprobs is not None:
+            sampled = out.sampled_logprobs.tolist()
+            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
+            top_lp = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
+            for i, req in enumerate(reqs):
+                if req.params.logprobs is None:
+                    continue
+                sampled_lp[i] = sampled[i]
+                n = req.params.logprobs
+                entry = dict(zip(top_ids[i][:n], top_lp[i][:n])) if n and top_ids else {}
+                entry[token_ids[i]] = sampled[i]
+                logprobs[i] = entry
+        return StepResult(reqs, token_ids, logprobs, sampled_lp)

@@ -1,0 +1,90 @@
+"""Per-request sampling state kept by the runner (seeded generators) and the per-step
+``SamplingMetadata`` built from it."""
+
+from __future__ import annotations
+
+import torch
+
+from minivllm.engine.request import Request
+from minivllm.layers.sampler import SamplingMetadata
+
+
+class SamplingState:
+    """Owns one ``torch.Generator`` per seeded request, created on first use."""
+
+    def __init__(self, device: torch.device, vocab_size: int) -> None:
+        self.device = device
+        self.vocab_size = vocab_size
+        self.generators: dict[str, torch.Generator] = {}
+
+    def remove(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.seed is None:
+            return None
+        gen = self.generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.seed)
+            self.generators[req.request_id] = gen
+        return gen
+
+    def build(self, reqs: list[Request]) -> SamplingMetadata:
+        params = [r.params for r in reqs]
+        dev = self.device
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        temperature = [p.temperature for p in params]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        sampling_rows = [p.temperature > 0 for p in params]
+        md = SamplingMetadata(
+            temperature=tensor(temperature, torch.float32),
+            top_k=tensor(top_k, torch.int64),
+            top_p=tensor(top_p, torch.float32),
+            min_p=tensor(min_p, torch.float32),
+            all_greedy=not any(sampling_rows),
+            any_top_k=any(k > 0 for k, s in zip(top_k, sampling_rows) if s),
+            any_top_p=any(p < 1 for p, s in zip(top_p, sampling_rows) if s),
+            any_min_p=any(p > 0 for p, s in zip(min_p, sampling_rows) if s),
+            generators=[self._generator(r) for r in reqs],
+            max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+            self._add_penalties(md, reqs)
+        banned = [(i, self._banned_ids(r)) for i, r in enumerate(reqs)
+                  if r.num_output_tokens < r.params.min_tokens]
+        banned = [(i, ids) for i, ids in banned if ids]
+        if banned:
+            mask = torch.zeros(len(reqs), self.vocab_size, dtype=torch.bool)
+            for i, ids in banned:
+                mask[i, ids] = True
+            md.banned_mask = mask.to(dev, non_blocking=True)
+        return md
+
+    def _banned_ids(self, req: Request) -> list[int]:
+        """Tokens that would end the request before ``min_tokens`` have been generated."""
+        ids = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            ids |= set(req.eos_token_ids)
+        return [i for i in ids if 0 <= i < self.vocab_size]
+
+    def _add_penalties(self, md: SamplingMetadata, reqs: list[Request]) -> None:
+        b, v = len(reqs), self.vocab_size
+        prompt_mask = torch.zeros(b, v, dtype=torch.bool)
+        counts = torch.zeros(b, v, dtype=torch.float32)
+        for i, r in enumerate(reqs):
+            prompt_mask[i, torch.tensor(r.prompt_token_ids, dtype=torch.int64)] = True
+            if r.output_token_ids:
+                out = torch.tensor(r.output_token_ids, dtype=torch.int64)
+                counts[i].index_add_(0, out, torch.ones(len(out)))
+        dev = self.device
+        md.prompt_mask = prompt_mask.to(dev, non_blocking=True)
+        md.output_counts = counts.to(dev, non_blocking=True)
+        md.repetition_penalty = torch.tensor([r.params.repetition_penalty for r in reqs]).to(dev)
+        md.presence_penalty = torch.tensor([r.params.presence_penalty for r in reqs]).to(dev)
+        md.frequency_penalty = torch.tensor([r.params.frequency_penalty for r in reqs]).to(dev)
