@@ -13,7 +13,8 @@ import torch
 
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import MAX_NUM_SPLITS, paged_decode_attention
-from minivllm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
+from minivllm.kernels.paged_prefill import (PrefillConfig, default_prefill_config,
+                                             paged_prefill_attention)
 from minivllm.kernels.testing import (REL_TOL, make_paged_batch, reference_output,
                                       relative_error)
 
@@ -97,8 +98,12 @@ def test_prefill_mixed_batch(block_size, group, head_dim, dtype, device, generat
     (None, PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)),
 ])
 def test_prefill_tile_shapes(max_query_len_hint, config, device, generator):
-    """Tiles smaller and larger than a cache block, and q tiles of a single token."""
-    batch = make_paged_batch([(40, 40), (37, 20), (5, 1), (16, 16), (90, 33)], block_size=16,
+    """Tiles smaller and larger than a cache block, and q tiles of a single token; prefixes
+    ending just before, on and after a KV tile edge (where the unmasked loop hands over)."""
+    block_n = (config or default_prefill_config(64)).block_n
+    seqs = [(40, 40), (37, 20), (5, 1), (16, 16), (90, 33),
+            (block_n - 2 + 6, 6), (block_n - 1 + 4, 4), (block_n + 3, 3)]
+    batch = make_paged_batch(seqs, block_size=16,
                              num_kv_heads=2, group=2, head_dim=64, dtype=F32, device=device,
                              generator=generator)
     ref, _, _ = reference_output(batch)
