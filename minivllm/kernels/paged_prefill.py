@@ -100,7 +100,9 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
-    tile_id = tl.program_id(0)
+    # Reversed, so that the costliest tiles (last queries, most keys) start first and the
+    # cheap ones fill the tail of the launch.
+    tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
 
     # Largest seq with first tile id <= tile_id (tile ids start at qsl[seq] // BLOCK_Q + seq).

@@ -1,0 +1,452 @@
+"""Attention-kernel check and benchmark: Triton paged kernels vs copy bandwidth and torch SDPA.
+
+    PYTHONPATH=. python benchmarks/kernels.py --out DIR          # on a CUDA GPU
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/kernels.py --smoke   # CPU dry run
+
+Sections (all in one process, so one GPU lease covers them):
+  1. correctness: bf16 (plus fp16/fp32) kernels vs the float32 torch reference on random paged
+     batches, output poisoned with NaN first; a cache over 2**31 elements (int64 addressing);
+     the decode step captured in a CUDA graph and replayed with new lengths.
+  2. device-to-device copy bandwidth (bytes read + written), the decode roofline.
+  3. decode: KV bytes read / time over batch x context, vs copy bandwidth and vs SDPA on the
+     same data laid out contiguously ([B, Hkv, L, D]; the GQA group is SDPA's query length).
+  4. prefill (causal, one request): TFLOP/s (2 * N^2 * D * H, the usual causal count) vs SDPA.
+  5. optional (--tune): launch-config variants on representative shapes.
+Writes kernels-<device>-<date>.json and .md under --out; prints the summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minivllm.kernels.common import cdiv
+from minivllm.kernels.kv_store import store_kv
+from minivllm.kernels.paged_decode import (DEFAULT_DECODE_CONFIG, DecodeConfig,
+                                           choose_num_splits, paged_decode_attention)
+from minivllm.kernels.paged_prefill import (PrefillConfig, default_prefill_config,
+                                            paged_prefill_attention)
+from minivllm.kernels.testing import (REL_TOL, make_paged_batch, reference_output,
+                                      relative_error)
+from minivllm.attention.torch_ref import TorchReferenceBackend
+from minivllm.attention.triton_backend import TritonAttentionBackend
+
+GIB = 1 << 30
+
+
+def time_ms(fn, smoke: bool) -> float:
+    """Median device time of ``fn`` (triton do_bench: events, L2 flushed between runs)."""
+    if smoke:  # interpreter: one call, just to exercise the path
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+# ----------------------------------------------------------------------------- correctness
+def run_backend(batch, out_poison: bool = True) -> torch.Tensor:
+    m = batch.meta
+    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping)
+    out = torch.full_like(batch.q, float("nan")) if out_poison else torch.empty_like(batch.q)
+    if m.max_query_len == 1:
+        paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
+                               m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale)
+    else:
+        paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
+                                m.query_start_loc, m.block_tables, m.max_query_len, batch.scale)
+    return out
+
+
+def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
+    dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float16, torch.float32]
+    long = 60 if smoke else 3000
+    cases = [(16, 1, 64), (16, 4, 128), (32, 8, 128), (64, 2, 64), (16, 8, 64), (32, 4, 96)]
+    rows = []
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for dtype in dtypes:
+        for bs, group, dim in (cases if dtype == torch.bfloat16 else cases[:2]):
+            shapes = {
+                "decode": [(1, 1), (bs - 1, 1), (bs, 1), (bs + 1, 1), (long, 1), (long // 3, 1)],
+                "mixed": [(bs + 1, 1), (long, long // 2), (bs, bs), (1, 1), (2 * bs, bs - 1),
+                          (long // 2 + 7, long // 2 + 7), (3 * bs + 1, 1)],
+            }
+            for kind, seqs in shapes.items():
+                batch = make_paged_batch(seqs, block_size=bs, num_kv_heads=2, group=group,
+                                         head_dim=dim, dtype=dtype, device=device,
+                                         num_padding_tokens=3, generator=gen)
+                ref, _, _ = reference_output(batch)
+                n = batch.meta.num_actual_tokens
+                err = relative_error(run_backend(batch)[:n], ref[:n])
+                rows.append(dict(check=f"{kind} bs={bs} gqa={group} d={dim}",
+                                 dtype=str(dtype).removeprefix("torch."), rel_err=err,
+                                 tol=REL_TOL[dtype], ok=err < REL_TOL[dtype]))
+    if not smoke:
+        rows.append(check_int64_addressing(device, gen))
+        rows.append(check_cuda_graph(device, gen))
+    return rows
+
+
+def check_int64_addressing(device: torch.device, gen: torch.Generator) -> dict:
+    """Blocks past element 2**31 of a ~4.3 GB-per-tensor cache, via store, decode and prefill."""
+    bs, hkv, dim = 16, 8, 128
+    num_blocks = (2 ** 31) // (bs * hkv * dim) + 64
+    seqs = [(700, 300), (40 * bs + 1, 1)]
+    batch = make_paged_batch(seqs, block_size=bs, num_kv_heads=hkv, group=2, head_dim=dim,
+                             dtype=torch.bfloat16, device=device, generator=gen)
+    ref, _, _ = reference_output(batch)
+    # Move the batch into a huge cache, onto its last blocks.
+    big_k = torch.randn(num_blocks, bs, hkv, dim, device=device, dtype=torch.bfloat16)
+    big_v = torch.randn_like(big_k)
+    shift = num_blocks - batch.k_cache.shape[0]
+    big_k[shift:] = batch.k_cache
+    big_v[shift:] = batch.v_cache
+    m = batch.meta
+    m.block_tables += shift
+    m.slot_mapping = torch.where(m.slot_mapping >= 0, m.slot_mapping + shift * bs, -1)
+    batch.k_cache, batch.v_cache = big_k, big_v
+    out = run_backend(batch)  # mixed batch: varlen kernel
+    err = relative_error(out, ref)
+    # The decode request alone, through the split-KV kernel.
+    dec = torch.full_like(batch.q, float("nan"))
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    paged_decode_attention(batch.q[300:], big_k, big_v, dec[300:], m.seq_lens[1:], qsl,
+                           m.block_tables[1:], m.max_seq_len, batch.scale)
+    err = max(err, relative_error(dec[300:], ref[300:]))
+    del big_k, big_v
+    torch.cuda.empty_cache()
+    return dict(check=f"int64 addressing: cache {num_blocks * bs * hkv * dim / 2**31:.2f}x2^31",
+                dtype="bfloat16", rel_err=err, tol=REL_TOL[torch.bfloat16],
+                ok=err < REL_TOL[torch.bfloat16])
+
+
+def check_cuda_graph(device: torch.device, gen: torch.Generator) -> dict:
+    """Capture store + decode once at a static cap, replay with other lengths and slots."""
+    backend = TritonAttentionBackend()
+    seqs = [(100, 1), (3000, 1), (17, 1), (1, 1)]
+    batch = make_paged_batch(seqs, block_size=16, num_kv_heads=2, group=4, head_dim=128,
+                             dtype=torch.bfloat16, device=device, spare_blocks=200, generator=gen)
+    m = batch.meta
+    m.max_seq_len = 4096  # static cap
+    static_out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, m,
+                                 batch.scale)  # warm-up compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache,
+                                     m, batch.scale)
+    worst = 0.0
+    for _ in range(3):  # each step: every request one token longer (within its last block)
+        new_lens = m.seq_lens_cpu + 1
+        for i, seq_len in enumerate(new_lens.tolist()):
+            pos = seq_len - 1
+            block = int(m.block_tables[i, pos // 16])
+            m.slot_mapping[i] = block * 16 + pos % 16
+        m.seq_lens.copy_(new_lens.to(device))
+        m.seq_lens_cpu.copy_(new_lens)
+        for t in (batch.q, batch.k, batch.v):
+            t.copy_(torch.randn(t.shape, generator=gen).to(t))
+        ref_k, ref_v = batch.k_cache.float().clone(), batch.v_cache.float().clone()
+        static_out.fill_(float("nan"))
+        graph.replay()
+        ref = TorchReferenceBackend().forward(batch.q.float(), batch.k.float(), batch.v.float(),
+                                              ref_k, ref_v, m, batch.scale)
+        n = m.num_actual_tokens
+        worst = max(worst, relative_error(static_out[:n], ref[:n]))
+    return dict(check="cuda graph: decode captured at cap 4096, replayed 3 steps",
+                dtype="bfloat16", rel_err=worst, tol=REL_TOL[torch.bfloat16],
+                ok=worst < REL_TOL[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------- bandwidth
+def copy_bandwidth(device: torch.device, smoke: bool) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = (1 << 20) if smoke else 2 * GIB
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), smoke)
+    return 2 * n / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------- decode
+def make_pool(num_blocks: int, bs: int, hkv: int, dim: int, dtype, device):
+    k_pool = torch.randn(num_blocks, bs, hkv, dim, device=device, dtype=dtype)
+    return k_pool, torch.randn_like(k_pool)
+
+
+def contiguous_kv(pool: torch.Tensor, tables: torch.Tensor, ctx: int) -> torch.Tensor:
+    """[B, Hkv, ctx, D] copy of the paged rows, for SDPA."""
+    batch, nb = tables.shape
+    rows = pool[tables.long()].reshape(batch, nb * pool.shape[1], *pool.shape[2:])[:, :ctx]
+    return rows.permute(0, 2, 1, 3).contiguous()
+
+
+def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
+                 configs=(DEFAULT_DECODE_CONFIG,), with_sdpa=True) -> list[dict]:
+    num_heads, hkv = heads
+    group = num_heads // hkv
+    dtype = torch.float32 if smoke else torch.bfloat16
+    pool_blocks = max(b * cdiv(c, bs) for b, c in shapes)
+    k_pool, v_pool = make_pool(pool_blocks, bs, hkv, dim, dtype, device)
+    scale = dim ** -0.5
+    rows = []
+    for batch, ctx in shapes:
+        nb = cdiv(ctx, bs)
+        tables = torch.randperm(pool_blocks, device=device)[:batch * nb].view(batch, nb)
+        tables = tables.to(torch.int32)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        q = torch.randn(batch, num_heads, dim, device=device, dtype=dtype)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * batch * ctx * hkv * dim * k_pool.element_size()
+        row = dict(batch=batch, ctx=ctx, block_size=bs, kv_mb=kv_bytes / 1e6)
+        for cfg in configs:
+            def run(cfg=cfg):
+                paged_decode_attention(q, k_pool, v_pool, out, seq_lens, qsl, tables, ctx, scale,
+                                       config=cfg)
+            ms = time_ms(run, smoke)
+            key = "triton" if len(configs) == 1 else cfg_name(cfg)
+            row[f"{key}_us"] = ms * 1e3
+            row[f"{key}_gbps"] = kv_bytes / (ms * 1e-3) / 1e9
+            row["splits"] = choose_num_splits(batch, hkv, ctx, device, cfg)
+        if with_sdpa:
+            run(configs[0])
+            kc, vc = contiguous_kv(k_pool, tables, ctx), contiguous_kv(v_pool, tables, ctx)
+            qc = q.view(batch, hkv, group, dim)
+            sdpa_out = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
+            row["vs_sdpa_rel_err"] = relative_error(out.view_as(qc), sdpa_out)
+            ms = time_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc, scale=scale), smoke)
+            row["sdpa_us"] = ms * 1e3
+            row["sdpa_gbps"] = kv_bytes / (ms * 1e-3) / 1e9
+            del kc, vc, sdpa_out
+        rows.append(row)
+    del k_pool, v_pool
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- prefill
+def bench_prefill(device, smoke, lengths, heads=(32, 8), dim=128, bs=16, configs=(None,),
+                  with_sdpa=True) -> list[dict]:
+    num_heads, hkv = heads
+    dtype = torch.float32 if smoke else torch.bfloat16
+    rows = []
+    for n in lengths:
+        gen = torch.Generator().manual_seed(n)
+        batch = make_paged_batch([(n, n)], block_size=bs, num_kv_heads=hkv,
+                                 group=num_heads // hkv, head_dim=dim, dtype=dtype,
+                                 device=device, generator=gen)
+        m = batch.meta
+        store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping)
+        out = torch.empty_like(batch.q)
+        flops = 2.0 * n * n * dim * num_heads  # causal: half of 4 * N^2 * D * H
+        row = dict(tokens=n, head_dim=dim, heads=f"{num_heads}/{hkv}", block_size=bs)
+        for cfg in configs:
+            def run(cfg=cfg):
+                paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
+                                        m.query_start_loc, m.block_tables, n, batch.scale,
+                                        config=cfg)
+            ms = time_ms(run, smoke)
+            key = "triton" if len(configs) == 1 else cfg_name(cfg)
+            row[f"{key}_ms"] = ms
+            row[f"{key}_tflops"] = flops / (ms * 1e-3) / 1e12
+        if with_sdpa:
+            run(configs[0])
+            q = batch.q.transpose(0, 1).unsqueeze(0)  # [1, H, N, D]
+            k = batch.k.transpose(0, 1).unsqueeze(0).contiguous()
+            v = batch.v.transpose(0, 1).unsqueeze(0).contiguous()
+            q = q.contiguous()
+            for name, backend in sdpa_backends(smoke):
+                fn = sdpa_fn(q, k, v, batch.scale, backend)
+                if fn is None:
+                    continue
+                ref = fn()
+                row[f"{name}_rel_err"] = relative_error(out, ref[0].transpose(0, 1))
+                ms = time_ms(fn, smoke)
+                row[f"{name}_ms"] = ms
+                row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+        rows.append(row)
+        del batch, out
+    return rows
+
+
+def sdpa_backends(smoke: bool):
+    from torch.nn.attention import SDPBackend
+    if smoke:
+        return [("sdpa_flash", None)]
+    return [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
+
+
+def sdpa_fn(q, k, v, scale, backend):
+    """A causal GQA SDPA call pinned to ``backend``; None if that backend refuses the shapes."""
+    from torch.nn.attention import sdpa_kernel
+
+    def call():
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
+    try:
+        call()
+        return call
+    except RuntimeError as exc:  # e.g. GQA unsupported by this backend build: expand K/V
+        print(f"note: SDPA {backend} with enable_gqa: {str(exc).splitlines()[0][:120]}")
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+    def call_expanded():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    try:
+        call_expanded()
+        return call_expanded
+    except RuntimeError as exc:
+        print(f"note: SDPA {backend} unavailable: {str(exc).splitlines()[0][:120]}")
+        return None
+
+
+def cfg_name(cfg) -> str:
+    if cfg is None:
+        return "default"
+    if isinstance(cfg, DecodeConfig):
+        return f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.programs_per_sm}"
+    return f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+# ----------------------------------------------------------------------------- tuning
+def tune(device, smoke) -> dict:
+    dec_cfgs = [DecodeConfig(bn, w, s, p) for bn, w, s, p in [
+        (64, 4, 3, 4), (64, 4, 2, 4), (32, 4, 3, 4), (128, 4, 3, 4), (128, 8, 3, 4),
+        (64, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 8), (64, 8, 3, 4)]]
+    dec_shapes = [(1, 64)] if smoke else [(1, 16384), (8, 4096), (32, 4096), (128, 1024),
+                                          (256, 4096)]
+    pre_cfgs = [PrefillConfig(bm, bn, w, s) for bm, bn, w, s in [
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 4),
+        (128, 64, 8, 4), (128, 64, 8, 2), (64, 128, 4, 3)]]
+    out = dict(decode=bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False))
+    out["decode_bs64"] = bench_decode(device, smoke, dec_shapes[:3], bs=64, with_sdpa=False)
+    out["prefill"] = bench_prefill(device, smoke, [64] if smoke else [4096], configs=pre_cfgs,
+                                   with_sdpa=False)
+    out["prefill_d64"] = bench_prefill(device, smoke, [64] if smoke else [4096], dim=64,
+                                       configs=[PrefillConfig(bm, bn, w, s) for bm, bn, w, s in
+                                                [(128, 64, 4, 3), (128, 64, 8, 3),
+                                                 (128, 128, 8, 3), (64, 64, 4, 3)]],
+                                       with_sdpa=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(res: dict) -> str:
+    lines = [f"# Attention kernels on {res['device']}", "",
+             f"Command: `{res['command']}`  ", f"Date: {res['date']}; torch {res['torch']}, "
+             f"triton {res['triton']}.  ",
+             f"Copy bandwidth (read + write): {res['copy_gbps']:.0f} GB/s.", "",
+             "## Correctness (relative L2 error vs float32 torch reference, output NaN-poisoned)",
+             "", "| check | dtype | rel err | tol | ok |", "|---|---|---|---|---|"]
+    lines += [f"| {r['check']} | {r['dtype']} | {r['rel_err']:.2e} | {r['tol']:.0e} | "
+              f"{'yes' if r['ok'] else 'NO'} |" for r in res["correctness"]]
+    lines += ["", "## Decode (Hq=32, Hkv=8, D=128, bf16, block 16; bytes = K+V read)", "",
+              "| batch | ctx | KV MB | splits | triton us | triton GB/s | % copy BW | SDPA us | "
+              "SDPA GB/s | rel diff vs SDPA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["decode"]:
+        lines.append(f"| {r['batch']} | {r['ctx']} | {r['kv_mb']:.1f} | {r['splits']} | "
+                     f"{r['triton_us']:.1f} | {r['triton_gbps']:.0f} | "
+                     f"{100 * r['triton_gbps'] * 1e9 / res['copy_gbps'] / 1e9:.0f}% | "
+                     f"{r.get('sdpa_us', math.nan):.1f} | {r.get('sdpa_gbps', math.nan):.0f} | "
+                     f"{r.get('vs_sdpa_rel_err', math.nan):.1e} |")
+    lines += ["", "## Prefill (one causal request, Hq=32, Hkv=8, bf16, block 16; "
+              "FLOPs = 2 N^2 D H)", "",
+              "| tokens | D | triton ms | triton TFLOP/s | SDPA flash ms | TFLOP/s | "
+              "time / flash | SDPA cuDNN TFLOP/s | rel diff vs flash |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["prefill"]:
+        flash = r.get("sdpa_flash_ms", math.nan)
+        lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['triton_ms']:.3f} | "
+                     f"{r['triton_tflops']:.0f} | {flash:.3f} | "
+                     f"{r.get('sdpa_flash_tflops', math.nan):.0f} | "
+                     f"{r['triton_ms'] / flash:.2f} | {r.get('sdpa_cudnn_tflops', math.nan):.0f} | "
+                     f"{r.get('sdpa_flash_rel_err', math.nan):.1e} |")
+    lines += ["", "## Targets (H100)", ""] + [f"- {t}" for t in targets(res)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(res: dict) -> list[str]:
+    """The issue's targets, checked against this run's numbers."""
+    out = []
+    big = [r for r in res["decode"] if r["kv_mb"] >= 32]
+    if big:
+        fracs = [r["triton_gbps"] / res["copy_gbps"] for r in big]
+        worst = min(big, key=lambda r: r["triton_gbps"])
+        out.append(f"decode >= 70% of copy BW where KV >= 32 MB: {sum(f >= 0.7 for f in fracs)}"
+                   f"/{len(big)} shapes meet it; min {100 * min(fracs):.0f}% (batch "
+                   f"{worst['batch']}, ctx {worst['ctx']}), median "
+                   f"{100 * sorted(fracs)[len(fracs) // 2]:.0f}%")
+    for r in res["prefill"]:
+        if r["tokens"] == 4096 and r["head_dim"] == 128:
+            ratio = r["triton_ms"] / r.get("sdpa_flash_ms", math.nan)
+            out.append(f"prefill 4k, D=128: {r['triton_tflops']:.0f} TFLOP/s (target >= 300), "
+                       f"{ratio:.2f}x SDPA flash time (target <= 1.3)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter ok")
+    ap.add_argument("--tune", action="store_true", help="also sweep launch configs")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke (and TRITON_INTERPRET=1)")
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    res = dict(device=name, date=datetime.date.today().isoformat(), torch=torch.__version__,
+               triton=triton.__version__, command="PYTHONPATH=. python benchmarks/kernels.py "
+               + ("--smoke " if args.smoke else "") + ("--tune" if args.tune else ""))
+    t0 = time.time()
+    res["correctness"] = check_correctness(device, args.smoke)
+    print(f"[{time.time() - t0:.0f}s] correctness done", flush=True)
+    res["copy_gbps"] = copy_bandwidth(device, args.smoke) / 1e9
+    if args.tune:
+        res["tune"] = tune(device, args.smoke)
+        print(f"[{time.time() - t0:.0f}s] tuning done", flush=True)
+        for section, rows in res["tune"].items():
+            for r in rows:
+                print(section, {k: round(v, 1) if isinstance(v, float) else v
+                                for k, v in r.items()})
+    batches, ctxs = ([1, 2], [16, 40]) if args.smoke else ([1, 8, 32, 128, 256],
+                                                           [128, 1024, 4096, 16384])
+    res["decode"] = bench_decode(device, args.smoke, [(b, c) for b in batches for c in ctxs])
+    print(f"[{time.time() - t0:.0f}s] decode done", flush=True)
+    lengths = [32, 64] if args.smoke else [512, 1024, 2048, 4096, 8192]
+    res["prefill"] = bench_prefill(device, args.smoke, lengths)
+    res["prefill"] += bench_prefill(device, args.smoke, lengths[-2:-1], dim=64)
+    print(f"[{time.time() - t0:.0f}s] prefill done", flush=True)
+
+    slug = "".join(c for c in name.lower().split(" ")[1] if c.isalnum()) if "NVIDIA" in name \
+        else "cpu-smoke"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{slug}-{res['date']}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    bad = [r["check"] for r in res["correctness"] if not r["ok"]]
+    if bad:
+        raise SystemExit(f"correctness FAILED: {bad}")
+
+
+if __name__ == "__main__":
+    main()
