@@ -154,6 +154,7 @@ def convert_gguf_to_hf_dir(gguf_path: str | Path, cache_root: Path | None = None
     start_s = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
     try:
+        tmp_dir.chmod(0o755)  # mkdtemp's 0700 would survive the rename and hide a shared cache
         _convert_into(path, tmp_dir)
         _fsync_files(tmp_dir)
         try:
