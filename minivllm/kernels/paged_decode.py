@@ -22,19 +22,24 @@ from minivllm.kernels.common import (LOG2_E, cdiv, check_attention_inputs, dot_p
                                      next_pow2, num_sms)
 
 # Fixed upper bound on splits: bounds the scratch size and the merge's work per output row.
-MAX_NUM_SPLITS = 32
-# A split shorter than this spends more on its fixed costs (Q load, merge) than it saves.
-MIN_TOKENS_PER_SPLIT = 256
+MAX_NUM_SPLITS = 64
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters; ``programs_per_sm`` is the occupancy target used to pick splits."""
+    """Launch parameters and the split heuristic's knobs.
+
+    ``programs_per_sm``: occupancy target that sets the number of splits; ``max_splits`` (at
+    most ``MAX_NUM_SPLITS``) and ``min_tokens_per_split`` bound it, since a split shorter than
+    a few tiles spends more on fixed costs (Q load, partial write, merge) than it saves.
+    """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 4
+    max_splits: int = 32
+    min_tokens_per_split: int = 256
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
@@ -146,8 +151,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     captured graph keeps a valid grid for any sequence lengths up to the cap.
     """
     wanted = cdiv(config.programs_per_sm * num_sms(device), max(1, num_seqs * num_kv_heads))
-    by_length = cdiv(max(1, max_seq_len), MIN_TOKENS_PER_SPLIT)
-    return max(1, min(MAX_NUM_SPLITS, wanted, by_length))
+    by_length = cdiv(max(1, max_seq_len), config.min_tokens_per_split)
+    return max(1, min(config.max_splits, MAX_NUM_SPLITS, wanted, by_length))
 
 
 def paged_decode_attention(
