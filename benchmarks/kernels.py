@@ -128,13 +128,22 @@ def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
                                          num_padding_tokens=3, generator=gen)
                 ref, _, _ = reference_output(batch)
                 n = batch.meta.num_actual_tokens
-                err = relative_error(run_backend(batch)[:n], ref[:n])
+                try:
+                    err = relative_error(run_backend(batch)[:n], ref[:n])
+                except Exception as exc:  # keep the lease's other results; report the failure
+                    print(f"ERROR {kind} {dtype} bs={bs} gqa={group} d={dim}: {exc!r}"[:400])
+                    err = math.inf
                 rows.append(dict(check=f"{kind} bs={bs} gqa={group} d={dim}",
                                  dtype=str(dtype).removeprefix("torch."), rel_err=err,
                                  tol=REL_TOL[dtype], ok=err < REL_TOL[dtype]))
     if not smoke:
-        rows.append(check_int64_addressing(device, gen))
-        rows.append(check_cuda_graph(device, gen))
+        for check in (check_int64_addressing, check_cuda_graph):
+            try:
+                rows.append(check(device, gen))
+            except Exception as exc:
+                print(f"ERROR {check.__name__}: {exc!r}"[:400])
+                rows.append(dict(check=check.__name__, dtype="bfloat16", rel_err=math.inf,
+                                 tol=REL_TOL[torch.bfloat16], ok=False))
     return rows
 
 
@@ -254,8 +263,12 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
             def run(cfg=cfg):
                 paged_decode_attention(q, k_pool, v_pool, out, seq_lens, qsl, tables, ctx, scale,
                                        config=cfg)
-            ms = time_ms(run, smoke)
             key = "triton" if len(configs) == 1 else cfg_name(cfg)
+            try:
+                ms = time_ms(run, smoke)
+            except Exception as exc:
+                print(f"ERROR decode {key} {batch}x{ctx}: {exc!r}"[:400])
+                continue
             row[f"{key}_us"] = ms * 1e3
             row[f"{key}_gbps"] = kv_bytes / (ms * 1e-3) / 1e9
             row["splits"] = choose_num_splits(batch, hkv, ctx, device, cfg)
@@ -299,8 +312,12 @@ def bench_prefill(device, smoke, lengths, heads=(32, 8), dim=128, bs=16, configs
                 paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                         m.query_start_loc, m.block_tables, n, batch.scale,
                                         config=cfg)
-            ms = time_ms(run, smoke)
             key = "triton" if len(configs) == 1 else cfg_name(cfg)
+            try:
+                ms = time_ms(run, smoke)
+            except Exception as exc:
+                print(f"ERROR prefill {key} {n}: {exc!r}"[:400])
+                continue
             row[f"{key}_ms"] = ms
             row[f"{key}_tflops"] = flops / (ms * 1e-3) / 1e12
         if with_sdpa:
@@ -408,8 +425,8 @@ def markdown(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
         lines.append(f"| {r['batch']} | {r['ctx']} | {r['kv_mb']:.1f} | {r['splits']} | "
-                     f"{r['triton_us']:.1f} | {r['triton_gbps']:.0f} | "
-                     f"{100 * r['triton_gbps'] * 1e9 / res['copy_gbps'] / 1e9:.0f}% | "
+                     f"{r.get('triton_us', math.nan):.1f} | {r.get('triton_gbps', math.nan):.0f} | "
+                     f"{100 * r.get('triton_gbps', math.nan) * 1e9 / res['copy_gbps'] / 1e9:.0f}% | "
                      f"{r.get('sdpa_us', math.nan):.1f} | {r.get('sdpa_gbps', math.nan):.0f} | "
                      f"{r.get('vs_sdpa_rel_err', math.nan):.1e} | "
                      f"{r.get('triton_eager_us', math.nan):.1f} |")
@@ -420,10 +437,10 @@ def markdown(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["prefill"]:
         flash = r.get("sdpa_flash_ms", math.nan)
-        lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['triton_ms']:.3f} | "
-                     f"{r['triton_tflops']:.0f} | {flash:.3f} | "
+        lines.append(f"| {r['tokens']} | {r['head_dim']} | {r.get('triton_ms', math.nan):.3f} | "
+                     f"{r.get('triton_tflops', math.nan):.0f} | {flash:.3f} | "
                      f"{r.get('sdpa_flash_tflops', math.nan):.0f} | "
-                     f"{r['triton_ms'] / flash:.2f} | {r.get('sdpa_cudnn_tflops', math.nan):.0f} | "
+                     f"{r.get('triton_ms', math.nan) / flash:.2f} | {r.get('sdpa_cudnn_tflops', math.nan):.0f} | "
                      f"{r.get('sdpa_flash_rel_err', math.nan):.1e} |")
     lines += ["", "## Targets (H100)", ""] + [f"- {t}" for t in targets(res)]
     return "\n".join(lines) + "\n"
@@ -434,16 +451,16 @@ def targets(res: dict) -> list[str]:
     out = []
     big = [r for r in res["decode"] if r["kv_mb"] >= 32]
     if big:
-        fracs = [r["triton_gbps"] / res["copy_gbps"] for r in big]
-        worst = min(big, key=lambda r: r["triton_gbps"])
+        fracs = [r.get("triton_gbps", math.nan) / res["copy_gbps"] for r in big]
+        worst = min(big, key=lambda r: r.get("triton_gbps", math.nan))
         out.append(f"decode >= 70% of copy BW where KV >= 32 MB: {sum(f >= 0.7 for f in fracs)}"
                    f"/{len(big)} shapes meet it; min {100 * min(fracs):.0f}% (batch "
                    f"{worst['batch']}, ctx {worst['ctx']}), median "
                    f"{100 * sorted(fracs)[len(fracs) // 2]:.0f}%")
     for r in res["prefill"]:
         if r["tokens"] == 4096 and r["head_dim"] == 128:
-            ratio = r["triton_ms"] / r.get("sdpa_flash_ms", math.nan)
-            out.append(f"prefill 4k, D=128: {r['triton_tflops']:.0f} TFLOP/s (target >= 300), "
+            ratio = r.get("triton_ms", math.nan) / r.get("sdpa_flash_ms", math.nan)
+            out.append(f"prefill 4k, D=128: {r.get('triton_tflops', math.nan):.0f} TFLOP/s (target >= 300), "
                        f"{ratio:.2f}x SDPA flash time (target <= 1.3)")
     return out
 
@@ -462,12 +479,23 @@ def main() -> None:
     res = dict(device=name, date=datetime.date.today().isoformat(), torch=torch.__version__,
                triton=triton.__version__, command="PYTHONPATH=. python benchmarks/kernels.py "
                + ("--smoke " if args.smoke else "") + ("--tune" if args.tune else ""))
+    slug = "".join(c for c in name.lower().split(" ")[1] if c.isalnum()) if "NVIDIA" in name \
+        else "cpu-smoke"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{slug}-{res['date']}"
+
+    def save() -> None:  # after every section, so a crash later keeps what was measured
+        (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+
     t0 = time.time()
     res["correctness"] = check_correctness(device, args.smoke)
+    save()
     print(f"[{time.time() - t0:.0f}s] correctness done", flush=True)
     res["copy_gbps"] = copy_bandwidth(device, args.smoke) / 1e9
     if args.tune:
         res["tune"] = tune(device, args.smoke)
+        save()
         print(f"[{time.time() - t0:.0f}s] tuning done", flush=True)
         for section, rows in res["tune"].items():
             for r in rows:
@@ -477,17 +505,13 @@ def main() -> None:
                                                            [128, 1024, 4096, 16384])
     res["decode"] = bench_decode(device, args.smoke, [(b, c) for b in batches for c in ctxs])
     print(f"[{time.time() - t0:.0f}s] decode done", flush=True)
+    save()
     lengths = [32, 64] if args.smoke else [512, 1024, 2048, 4096, 8192]
     res["prefill"] = bench_prefill(device, args.smoke, lengths)
     res["prefill"] += bench_prefill(device, args.smoke, lengths[-2:-1], dim=64)
     print(f"[{time.time() - t0:.0f}s] prefill done", flush=True)
 
-    slug = "".join(c for c in name.lower().split(" ")[1] if c.isalnum()) if "NVIDIA" in name \
-        else "cpu-smoke"
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{slug}-{res['date']}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    save()
     md = markdown(res)
     (out_dir / f"{stem}.md").write_text(md)
     print(md)

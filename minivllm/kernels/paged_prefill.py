@@ -35,8 +35,10 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-def default_prefill_config(head_dim: int) -> PrefillConfig:
-    """Tile choice per head dim (bigger dims need more registers per row: more warps)."""
+def default_prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
+    """Tile choice per head dim and dtype (shared memory holds ``num_stages`` K/V tiles)."""
+    if dtype == torch.float32:  # 4-byte tiles: the 16-bit config would need ~260 KB of smem
+        return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     # Measured on an H100 (benchmarks/kernels.py --tune): 4k tokens, D=128: n128 336 TFLOP/s,
     # n64 302; D=64: n64 with 8 warps 276, with 4 warps 256.
     if head_dim <= 64:
@@ -184,7 +186,7 @@ def paged_prefill_attention(
     if num_seqs == 0 or num_tokens == 0:
         return out
     if config is None:
-        config = default_prefill_config(head_dim)
+        config = default_prefill_config(head_dim, q.dtype)
     group_pad = next_pow2(group)
     # Short queries (decode rows, small chunks) would leave most of a 128-row tile idle.
     block_m = max(group_pad, 16, min(config.block_m, next_pow2(max(1, max_query_len)) * group_pad))

@@ -100,7 +100,7 @@ def test_prefill_mixed_batch(block_size, group, head_dim, dtype, device, generat
 def test_prefill_tile_shapes(max_query_len_hint, config, device, generator):
     """Tiles smaller and larger than a cache block, and q tiles of a single token; prefixes
     ending just before, on and after a KV tile edge (where the unmasked loop hands over)."""
-    block_n = (config or default_prefill_config(64)).block_n
+    block_n = (config or default_prefill_config(64, F32)).block_n
     seqs = [(40, 40), (37, 20), (5, 1), (16, 16), (90, 33),
             (block_n - 2 + 6, 6), (block_n - 1 + 4, 4), (block_n + 3, 3)]
     batch = make_paged_batch(seqs, block_size=16,
