@@ -1,0 +1,92 @@
+"""SamplingParams: every bad value is a ValueError naming the field; good values normalise."""
+
+from __future__ import annotations
+
+import pytest
+
+from minivllm.sampling_params import SamplingParams
+
+INVALID = [
+    # (kwargs, text the message must contain)
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="1.0"), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(top_p=-0.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(min_p=1.1), "min_p"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(max_tokens=2.0), "max_tokens"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(n=0), "n "),
+    (dict(n=True), "n "),
+    (dict(n=1.0), "n "),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=2.5), "repetition_penalty"),
+    (dict(presence_penalty=2.1), "presence_penalty"),
+    (dict(presence_penalty=-2.1), "presence_penalty"),
+    (dict(frequency_penalty=2.1), "frequency_penalty"),
+    (dict(frequency_penalty=-2.1), "frequency_penalty"),
+    (dict(stop=5), "stop"),
+    (dict(stop=["ok", 3]), "stop"),
+    (dict(stop=[None]), "stop"),
+    (dict(stop=""), "stop"),
+    (dict(stop=["fine", ""]), "stop"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=["2"]), "stop_token_ids"),
+    (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(seed=1.5), "seed"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", INVALID, ids=[f"{k}" for k, _ in INVALID])
+def test_invalid_value_raises_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**kwargs)
+    assert field in str(info.value)
+
+
+def test_defaults():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 1.0, 1.0, 0, 0.0)
+    assert (p.max_tokens, p.min_tokens, p.seed, p.logprobs) == (16, 0, None, None)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert p.stop_strings == [] and p.stop_token_ids == []
+    assert not p.ignore_eos and p.skip_special_tokens and not p.include_stop_str_in_output
+    assert not p.greedy
+
+
+def test_stop_normalisation():
+    assert SamplingParams(stop="x").stop_strings == ["x"]
+    assert SamplingParams(stop="\n\nUser:").stop_strings == ["\n\nUser:"]  # one string, not chars
+    assert SamplingParams(stop=["a", "bc"]).stop_strings == ["a", "bc"]
+    assert SamplingParams(stop=("a",)).stop_strings == ["a"]
+    assert SamplingParams(stop=[]).stop_strings == []
+    assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
+
+
+def test_edges_that_are_valid():
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(top_k=-1).top_k == 0  # -1 and 0 both mean "off"
+    assert SamplingParams(top_k=1).top_k == 1
+    SamplingParams(top_p=1.0)
+    SamplingParams(top_p=1e-6)
+    SamplingParams(min_p=0.0)
+    SamplingParams(min_p=1.0)
+    SamplingParams(max_tokens=1)
+    SamplingParams(max_tokens=None)
+    SamplingParams(min_tokens=4, max_tokens=4)
+    SamplingParams(min_tokens=100, max_tokens=None)
+    SamplingParams(n=3, seed=0)
+    SamplingParams(logprobs=0)
+    SamplingParams(logprobs=20)
+    SamplingParams(repetition_penalty=2.0, presence_penalty=-2.0, frequency_penalty=2.0)
+    SamplingParams(repetition_penalty=0.5, presence_penalty=2, frequency_penalty=-2)
+    SamplingParams(stop_token_ids=[0])
