@@ -37,6 +37,11 @@ class Scheduler:
     """Decides each step's batch; owns the waiting/running queues and the block manager."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if config.max_model_len > capacity:
+            # One sequence could outgrow the whole cache and preempt itself forever.
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the KV cache capacity "
+                             f"({capacity} tokens)")
         self.config = config
         self.kv = block_manager
         self.waiting: deque[Request] = deque()

@@ -27,7 +27,7 @@ class SamplingMetadata:
     any_top_p: bool
     any_min_p: bool
     generators: list[torch.Generator | None]  # per row; None → the engine-wide generator
-    max_num_logprobs: int  # 0 = no logprobs needed
+    max_num_logprobs: int  # -1: none; 0: only the sampled token's; N: top-N too
     # Penalties (None when no row uses them).
     repetition_penalty: torch.Tensor | None = None  # [B]
     presence_penalty: torch.Tensor | None = None  # [B]
@@ -73,7 +73,8 @@ def filter_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
             probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
             mass_before = probs.cumsum(dim=-1) - probs
-            remove |= mass_before >= md.top_p[:, None]
+            # Rows with top_p == 1 are exempt: float32 cumsums can reach 1 before the tail ends.
+            remove |= (mass_before >= md.top_p[:, None]) & (md.top_p[:, None] < 1)
         logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(remove, float("-inf")))
     if md.any_min_p:
         probs = logits.softmax(dim=-1)

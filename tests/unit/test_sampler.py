@@ -112,11 +112,6 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.equal(out[1, [1, 3]], logits[1, [1, 3]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layers/sampler.py filter_logits (line 76): `remove |= mass_before >= top_p` also applies to "
-    "rows with top_p=1.0 whenever another row uses top_p; the float32 cumsum of a peaked "
-    "distribution exceeds 1.0 before the tail, so those rows lose tail tokens and a seeded "
-    "request's distribution depends on its batch"))
 def test_top_p_one_is_a_no_op_when_other_rows_use_top_p():
     logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0)) * 3
     logits[:, 0] += 20  # one dominant token, as after a confident model step
