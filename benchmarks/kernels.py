@@ -184,10 +184,12 @@ def check_cuda_graph(device: torch.device, gen: torch.Generator) -> dict:
     """Capture store + decode once at a static cap, replay with other lengths and slots."""
     backend = TritonAttentionBackend()
     seqs = [(100, 1), (3000, 1), (17, 1), (1, 1)]
+    cap = 4096  # static max_seq_len; block tables are as wide as the cap, as in the engine
     batch = make_paged_batch(seqs, block_size=16, num_kv_heads=2, group=4, head_dim=128,
-                             dtype=torch.bfloat16, device=device, spare_blocks=200, generator=gen)
+                             dtype=torch.bfloat16, device=device, spare_blocks=200,
+                             extra_table_cols=cap // 16 - 188, generator=gen)
     m = batch.meta
-    m.max_seq_len = 4096  # static cap
+    m.max_seq_len = cap
     static_out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, m,
                                  batch.scale)  # warm-up compiles outside the capture
     graph = torch.cuda.CUDAGraph()
