@@ -34,10 +34,13 @@ def _tiny_config(kind: str):
     if kind == "qwen3":  # per-head q/k norm, explicit head_dim, GQA 8:2
         return Qwen3Config(**common, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                            tie_word_embeddings=False)
+    if kind == "qwen3_hd64":  # head_dim 64: a size the Triton kernels support; GQA 4:2
+        return Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           tie_word_embeddings=True)
     raise ValueError(kind)
 
 
-TINY_KINDS = ("llama", "llama_tied_mha", "qwen2", "qwen3")
+TINY_KINDS = ("llama", "llama_tied_mha", "qwen2", "qwen3", "qwen3_hd64")
 
 
 @pytest.fixture(scope="session")
