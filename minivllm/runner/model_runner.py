@@ -38,7 +38,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         torch.manual_seed(seed)
-        self.backend = get_attention_backend(attention_backend, device)
+        self.backend = get_attention_backend(attention_backend, device, arch.head_dim)
         self.model = load_model(arch, model_dir, self.backend, device, dtype, load_format, seed,
                                 max_position)
         gen = torch.Generator(device=device)

@@ -83,6 +83,7 @@ def test_invalid_sampling_params(kwargs, field):
     ({"load_format": "pickle"}, "load_format"), ({"attention_backend": "flash"}, "attention_backend"),
     ({"dtype": "int8"}, "dtype"), ({"max_model_len": 100000}, "max_model_len"),
     ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"attention_backend": "triton"}, "head_dim"),  # tiny llama has head_dim 16: no kernel for it
 ])
 def test_invalid_engine_args(kwargs, message, tiny_model_dirs):
     with pytest.raises(ValueError, match=message):
