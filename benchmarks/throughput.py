@@ -1,0 +1,139 @@
+"""Offline throughput: minivllm vs HF transformers ``generate``, same weights, same run.
+
+    PYTHONPATH=. python benchmarks/throughput.py --model benchmarks/models/qwen3-0.6b \
+        --num-prompts 256 --input-len 256 --output-len 128 --out results_dir
+
+Random weights are drawn once by HF from ``config.json`` and saved; both engines load that
+directory, so they compute with identical weights. Prompts are random token ids of equal length
+(HF needs no padding then), EOS is ignored, both decode greedily for exactly ``--output-len``.
+HF runs static batches of ``--hf-batch`` prompts; minivllm gets all prompts at once.
+
+Printed last: a table with tokens/s of each, the ratio, and the decode roofline floor
+(weights + KV read once per step at the measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (best of several)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/qwen3-0.6b")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--hf-prompts", type=int, default=None, help="HF runs on this many (default all)")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minivllm import LLM, SamplingParams
+
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    cfg = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    tmp = Path(tempfile.mkdtemp(prefix="minivllm-bench-"))
+    hf.save_pretrained(tmp)
+
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, cfg.vocab_size, (args.num_prompts, args.input_len), generator=g)
+    n_out = args.output_len
+
+    # ---- minivllm ----
+    llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=args.enforce_eager, seed=0)
+    params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
+    llm.generate([p.tolist() for p in prompts[:8]], params, use_tqdm=False)  # warm-up (compiles)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate([p.tolist() for p in prompts], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    ours_s = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+    ours_ids = [o.outputs[0].token_ids for o in outs]
+    backend = type(llm.engine.runner.backend).__name__
+    del llm
+    torch.cuda.empty_cache()
+
+    # ---- HF transformers ----
+    hf_n = args.hf_prompts or args.num_prompts
+    hf_ids = []
+    with torch.no_grad():
+        warm = prompts[:2].to(device)
+        hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for s in range(0, hf_n, args.hf_batch):
+            batch = prompts[s:s + args.hf_batch].to(device)
+            out = hf.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n_out,
+                              min_new_tokens=n_out, do_sample=False, pad_token_id=0)
+            hf_ids += out[:, args.input_len:].tolist()
+        torch.cuda.synchronize()
+        hf_s = time.perf_counter() - t
+
+    agree = sum(a[:8] == b[:8] for a, b in zip(ours_ids, hf_ids)) / len(hf_ids)
+    bw = copy_bandwidth_gbs(device)
+    # Decode floor: every step reads all weights once plus the batch's KV (mid-generation length).
+    kv_per_token = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads
+                    * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * 2)
+    mean_ctx = args.input_len + n_out / 2
+    step_bytes = weight_bytes + args.num_prompts * mean_ctx * kv_per_token
+    floor_tok_s = args.num_prompts / (step_bytes / (bw * 1e9 / 2))  # bw counts read+write
+    res = {
+        "device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+        "model": args.model, "weights": "random (HF init, seed 0), bf16", "backend": backend,
+        "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": n_out,
+        "minivllm_s": ours_s, "minivllm_out_tok_s": args.num_prompts * n_out / ours_s,
+        "minivllm_total_tok_s": args.num_prompts * (args.input_len + n_out) / ours_s,
+        "hf_prompts": hf_n, "hf_batch": args.hf_batch, "hf_s": hf_s,
+        "hf_out_tok_s": hf_n * n_out / hf_s,
+        "first8_tokens_agree_frac": agree, "copy_bw_gbs": bw, "weight_bytes": weight_bytes,
+        "decode_floor_out_tok_s": floor_tok_s, "enforce_eager": args.enforce_eager,
+    }
+    res["ratio_out_tok_s"] = res["minivllm_out_tok_s"] / res["hf_out_tok_s"]
+    table = (f"| device | prompts x in/out | minivllm out tok/s | HF out tok/s (batch {args.hf_batch}) | ratio "
+             f"| decode floor tok/s | first-8 agree |\n|---|---|---|---|---|---|---|\n"
+             f"| {res['device']} | {args.num_prompts} x {args.input_len}/{n_out} | "
+             f"{res['minivllm_out_tok_s']:.0f} | {res['hf_out_tok_s']:.0f} | {res['ratio_out_tok_s']:.2f}x | "
+             f"{floor_tok_s:.0f} | {agree:.2f} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"throughput-{res['device'].replace(' ', '_')}-{res['date']}"
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        (out / f"{stem}.md").write_text(table + "\n")
+    print(json.dumps(res, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
