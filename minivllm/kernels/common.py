@@ -40,6 +40,10 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"cache dtypes {k_cache.dtype}/{v_cache.dtype} unsupported; "
                          f"use one of {SUPPORTED_DTYPES}")
+    if k_cache.dtype == torch.bfloat16 and k_cache.device.type != "cuda":
+        # The interpreter (Triton 3.9) runs bfloat16 kernels but returns garbage: refuse.
+        raise ValueError("the Triton interpreter (CPU) has no working bfloat16; use float16/"
+                         "float32 there, or attention_backend='torch'")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     block_size, head_dim = k_cache.shape[1], k_cache.shape[3]

@@ -39,3 +39,12 @@ def test_backend_rejects_mismatched_dtype(device, generator):
     with pytest.raises(ValueError, match="dtype"):
         TritonAttentionBackend().forward(batch.q.half(), batch.k, batch.v, batch.k_cache,
                                          batch.v_cache, batch.meta, batch.scale)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_backend_refuses_bfloat16_on_cpu(generator):
+    batch = make_paged_batch([(5, 1)], block_size=16, num_kv_heads=1, group=2, head_dim=64,
+                             dtype=torch.bfloat16, generator=generator)
+    with pytest.raises(ValueError, match="bfloat16"):
+        TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.k_cache,
+                                         batch.v_cache, batch.meta, batch.scale)
