@@ -34,6 +34,8 @@ class DecodeConfig:
     a few tiles spends more on fixed costs (Q load, partial write, merge) than it saves.
     """
 
+    # The H100 sweep (tile 32-128, warps 4/8, stages 2-4, caps 32/64, occupancy 2-8) moved no
+    # shape by more than ~5%, about run-to-run spread: these are the plain defaults.
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3

@@ -39,8 +39,8 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -
     """Tile choice per head dim and dtype (shared memory holds ``num_stages`` K/V tiles)."""
     if dtype == torch.float32:  # 4-byte tiles: the 16-bit config would need ~260 KB of smem
         return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    # Measured on an H100 (benchmarks/kernels.py --tune): 4k tokens, D=128: n128 336 TFLOP/s,
-    # n64 302; D=64: n64 with 8 warps 276, with 4 warps 256.
+    # H100, 4k tokens (benchmarks/results/kernels-h100-2026-11-23-tune.json): D=128 block_n 128
+    # 339 TFLOP/s vs 64: 306; D=64: 8 warps 277 vs 4 warps 259. Both 128-row tiles, no spills.
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
