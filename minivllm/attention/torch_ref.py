@@ -66,9 +66,11 @@ class TorchReferenceBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
-        num_seqs, max_q, max_len = meta.num_seqs, meta.max_query_len, meta.max_seq_len
-        num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        num_seqs, max_q = meta.num_seqs, meta.max_query_len
+        # max_seq_len may be a static cap (CUDA graphs); no request reaches past its block table.
+        max_len = min(meta.max_seq_len, meta.block_tables.shape[1] * block_size)
+        num_heads, head_dim = q.shape[1], q.shape[2]
         group = num_heads // num_kv_heads
         dev = q.device
 

@@ -12,6 +12,7 @@ from minivllm.engine.request import Request
 from minivllm.engine.scheduler import SchedulerOutput
 from minivllm.layers.sampler import Sampler
 from minivllm.models.loader import load_model
+from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import build_model_inputs
 from minivllm.runner.sampling_state import SamplingState
 
@@ -47,6 +48,7 @@ class ModelRunner:
         self.sampling_state = SamplingState(device, arch.vocab_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.decode_graphs: DecodeGraphRunner | None = None
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -82,6 +84,15 @@ class ModelRunner:
                           for _ in range(a.num_hidden_layers)]
         self.block_size = block_size
 
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture pure-decode CUDA graphs (needs the KV cache allocated). Only the Triton
+        backend is capturable: the torch reference sizes its work from host values."""
+        if self.device.type != "cuda" or self.backend.name != "triton":
+            return
+        self.decode_graphs = DecodeGraphRunner(
+            self.model, self.kv_caches, capture_sizes(max_num_seqs),
+            max_model_len, self.block_size, self.device, self.dtype)
+
     # ---- the step ------------------------------------------------------------------------
     def remove_request(self, request_id: str) -> None:
         self.sampling_state.remove(request_id)
@@ -90,7 +101,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run the scheduled tokens through the model and sample for completed sequences."""
         inputs = build_model_inputs(sched, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+            hidden = self.decode_graphs.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         reqs = [sched.requests[i] for i in inputs.sampling_rows]
         if not reqs:
             return StepResult([], [], [], [])

@@ -80,3 +80,12 @@ def test_triton_chunked_prefill_and_prefix_cache():
     same, total = _compare(ref, tri)
     print(f"chunked (256-token budget): {same}/{total} identical; stats {stats}")
     assert same >= 0.8 * total
+
+
+def test_cuda_graph_decode_matches_eager():
+    prompts = _prompts(151936)
+    eager, _ = _run("triton", prompts, enforce_eager=True)
+    graphs, _ = _run("triton", prompts, enforce_eager=False)
+    same, total = _compare(eager, graphs)
+    print(f"CUDA graphs vs eager: {same}/{total} greedy tokens identical")
+    assert same >= 0.8 * total

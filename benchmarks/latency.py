@@ -1,0 +1,92 @@
+"""Single-request decode latency: minivllm (CUDA graphs and eager) vs HF transformers ``generate``.
+
+    PYTHONPATH=. python benchmarks/latency.py --model benchmarks/models/qwen3-0.6b --out DIR
+
+Same random bf16 weights for all (HF draws them, saves, minivllm loads). One prompt of
+``--input-len`` random tokens, exactly ``--output-len`` greedy tokens; best of ``--repeats``.
+The floor is one read of all weights per token at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.throughput import copy_bandwidth_gbs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/qwen3-0.6b")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minivllm import LLM, SamplingParams
+
+    device = torch.device("cuda")
+    cfg = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    tmp = Path(tempfile.mkdtemp(prefix="minivllm-lat-"))
+    hf.save_pretrained(tmp)
+    prompt = torch.randint(0, cfg.vocab_size, (args.input_len,), generator=torch.Generator().manual_seed(2))
+    n = args.output_len
+
+    def best_of(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    res = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+           "model": args.model, "input_len": args.input_len, "output_len": n}
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    for name, eager in (("minivllm_graphs", False), ("minivllm_eager", True)):
+        llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=eager, max_num_seqs=8, max_model_len=4096)
+        res[f"{name}_tok_s"] = n / best_of(lambda: llm.generate([prompt.tolist()], params, use_tqdm=False))
+        del llm
+        torch.cuda.empty_cache()
+    ids = prompt[None].to(device)
+    with torch.no_grad():
+        res["hf_tok_s"] = n / best_of(lambda: hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, pad_token_id=0))
+    bw = copy_bandwidth_gbs(device)
+    res["copy_bw_gbs"] = bw
+    res["floor_tok_s"] = 1 / (weight_bytes / (bw * 1e9 / 2))
+    res["ratio_graphs_vs_hf"] = res["minivllm_graphs_tok_s"] / res["hf_tok_s"]
+    table = ("| device | in/out | minivllm graphs tok/s | minivllm eager tok/s | HF tok/s | ratio (graphs/HF) | floor tok/s |\n"
+             "|---|---|---|---|---|---|---|\n"
+             f"| {res['device']} | {args.input_len}/{n} | {res['minivllm_graphs_tok_s']:.0f} | "
+             f"{res['minivllm_eager_tok_s']:.0f} | {res['hf_tok_s']:.0f} | {res['ratio_graphs_vs_hf']:.2f}x | "
+             f"{res['floor_tok_s']:.0f} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"latency-{res['device'].replace(' ', '_')}-{res['date']}"
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        (out / f"{stem}.md").write_text(table + "\n")
+    print(json.dumps(res, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
