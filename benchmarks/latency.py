@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import copy_bandwidth_gbs
+from benchmarks.common import copy_bandwidth_gbs, shared_random_weights, write_results
 
 
 def main() -> None:
@@ -30,18 +27,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from minivllm import LLM, SamplingParams
 
     device = torch.device("cuda")
-    cfg = AutoConfig.from_pretrained(args.model)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    tmp = Path(tempfile.mkdtemp(prefix="minivllm-lat-"))
-    hf.save_pretrained(tmp)
+    cfg, hf, tmp, weight_bytes = shared_random_weights(args.model, device, "minivllm-lat-")
     prompt = torch.randint(0, cfg.vocab_size, (args.input_len,), generator=torch.Generator().manual_seed(2))
     n = args.output_len
 
@@ -61,7 +50,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     for name, eager in (("minivllm_graphs", False), ("minivllm_eager", True)):
         llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=eager, max_num_seqs=8, max_model_len=4096)
-        res[f"{name}_tok_s"] = n / best_of(lambda: llm.generate([prompt.tolist()], params, use_tqdm=False))
+        res[f"{name}_tok_s"] = n / best_of(lambda llm=llm: llm.generate([prompt.tolist()], params, use_tqdm=False))
         del llm
         torch.cuda.empty_cache()
     ids = prompt[None].to(device)
@@ -78,14 +67,7 @@ def main() -> None:
              f"| {res['device']} | {args.input_len}/{n} | {res['minivllm_graphs_tok_s']:.0f} | "
              f"{res['minivllm_eager_tok_s']:.0f} | {res['hf_tok_s']:.0f} | {res['ratio_graphs_vs_hf']:.2f}x | "
              f"{res['floor_tok_s']:.0f} |")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"latency-{res['device'].replace(' ', '_')}-{res['date']}"
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
-        (out / f"{stem}.md").write_text(table + "\n")
-    print(json.dumps(res, indent=2))
-    print(table)
+    write_results(args.out, "latency", res, table)
 
 
 if __name__ == "__main__":

@@ -16,27 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Device-to-device copy, bytes read + written per second (best of several)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        b.copy_(a)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n / best / 1e9
+from benchmarks.common import copy_bandwidth_gbs, shared_random_weights, write_results
 
 
 def main() -> None:
@@ -51,19 +35,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from minivllm import LLM, SamplingParams
 
     device = torch.device("cuda")
-    dtype = torch.bfloat16
-    cfg = AutoConfig.from_pretrained(args.model)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    tmp = Path(tempfile.mkdtemp(prefix="minivllm-bench-"))
-    hf.save_pretrained(tmp)
+    cfg, hf, tmp, weight_bytes = shared_random_weights(args.model, device, "minivllm-bench-")
 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (args.num_prompts, args.input_len), generator=g)
@@ -125,14 +100,7 @@ def main() -> None:
              f"| {res['device']} | {args.num_prompts} x {args.input_len}/{n_out} | "
              f"{res['minivllm_out_tok_s']:.0f} | {res['hf_out_tok_s']:.0f} | {res['ratio_out_tok_s']:.2f}x | "
              f"{floor_tok_s:.0f} | {agree:.2f} |")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"throughput-{res['device'].replace(' ', '_')}-{res['date']}"
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
-        (out / f"{stem}.md").write_text(table + "\n")
-    print(json.dumps(res, indent=2))
-    print(table)
+    write_results(args.out, "throughput", res, table)
 
 
 if __name__ == "__main__":
