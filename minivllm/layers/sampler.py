@@ -18,10 +18,11 @@ import torch
 class SamplingMetadata:
     """Per-row sampling settings for one step (rows = requests that sample this step)."""
 
-    temperature: torch.Tensor  # float32 [B]; 0 = greedy
-    top_k: torch.Tensor  # int64 [B]; 0 = off
-    top_p: torch.Tensor  # float32 [B]
-    min_p: torch.Tensor  # float32 [B]
+    # Per-row settings; None when every row is greedy (then they are never read).
+    temperature: torch.Tensor | None  # float32 [B]; 0 = greedy
+    top_k: torch.Tensor | None  # int64 [B]; 0 = off
+    top_p: torch.Tensor | None  # float32 [B]
+    min_p: torch.Tensor | None  # float32 [B]
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool

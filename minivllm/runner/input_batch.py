@@ -46,20 +46,31 @@ def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.de
     sampling_rows = [i for i, req in enumerate(sched.requests) if seq_lens[i] == req.num_tokens]
     logits_indices = query_start_loc[1:][sampling_rows].astype(np.int64) - 1
 
-    def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
-
-    qsl_cpu = torch.from_numpy(query_start_loc)
-    seq_lens_cpu = torch.from_numpy(seq_lens)
+    # Two host→device copies per step (one per dtype) instead of one per tensor.
+    ints64 = _to_device([input_ids, positions, slot_mapping, logits_indices], np.int64, device)
+    ints32 = _to_device([query_start_loc, seq_lens, block_tables.ravel()], np.int32, device)
+    input_ids_d, positions_d, slot_mapping_d, logits_indices_d = ints64
+    qsl_d, seq_lens_d, block_tables_d = ints32
     meta = AttentionMetadata(
-        slot_mapping=dev(slot_mapping),
-        query_start_loc=dev(query_start_loc),
-        seq_lens=dev(seq_lens),
-        block_tables=dev(block_tables),
+        slot_mapping=slot_mapping_d,
+        query_start_loc=qsl_d,
+        seq_lens=seq_lens_d,
+        block_tables=block_tables_d.view(block_tables.shape),
         max_query_len=int(num_tokens.max()),
         max_seq_len=int(seq_lens.max()),
-        query_start_loc_cpu=qsl_cpu,
-        seq_lens_cpu=seq_lens_cpu,
+        query_start_loc_cpu=torch.from_numpy(query_start_loc),
+        seq_lens_cpu=torch.from_numpy(seq_lens),
         num_actual_tokens=total,
     )
-    return ModelInputs(dev(input_ids), dev(positions), meta, dev(logits_indices), sampling_rows)
+    return ModelInputs(input_ids_d, positions_d, meta, logits_indices_d, sampling_rows)
+
+
+def _to_device(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
+    """Pack same-dtype arrays into one buffer, copy it once, return device views of each."""
+    packed = np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
+    flat = torch.from_numpy(packed).to(device, non_blocking=True)
+    views, offset = [], 0
+    for a in arrays:
+        views.append(flat[offset:offset + a.size])
+        offset += a.size
+    return views

@@ -37,20 +37,18 @@ class SamplingState:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
-        temperature = [p.temperature for p in params]
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
         sampling_rows = [p.temperature > 0 for p in params]
+        all_greedy = not any(sampling_rows)
         md = SamplingMetadata(
-            temperature=tensor(temperature, torch.float32),
-            top_k=tensor(top_k, torch.int64),
-            top_p=tensor(top_p, torch.float32),
-            min_p=tensor(min_p, torch.float32),
-            all_greedy=not any(sampling_rows),
-            any_top_k=any(k > 0 for k, s in zip(top_k, sampling_rows) if s),
-            any_top_p=any(p < 1 for p, s in zip(top_p, sampling_rows) if s),
-            any_min_p=any(p > 0 for p, s in zip(min_p, sampling_rows) if s),
+            # All-greedy steps (the common benchmark case) need none of these on the device.
+            temperature=None if all_greedy else tensor([p.temperature for p in params], torch.float32),
+            top_k=None if all_greedy else tensor([p.top_k for p in params], torch.int64),
+            top_p=None if all_greedy else tensor([p.top_p for p in params], torch.float32),
+            min_p=None if all_greedy else tensor([p.min_p for p in params], torch.float32),
+            all_greedy=all_greedy,
+            any_top_k=any(p.top_k > 0 for p, s in zip(params, sampling_rows) if s),
+            any_top_p=any(p.top_p < 1 for p, s in zip(params, sampling_rows) if s),
+            any_min_p=any(p.min_p > 0 for p, s in zip(params, sampling_rows) if s),
             generators=[self._generator(r) for r in reqs],
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
         )
