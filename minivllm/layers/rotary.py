@@ -1,4 +1,8 @@
-"""Rotary position embedding (HF "rotate half" layout), with llama3 / linear rope scaling."""
+"""Rotary position embedding (HF "rotate half" layout), with llama3 / linear rope scaling.
+
+On CUDA, q and k are rotated by one Triton kernel, which can also apply Qwen3's per-head q/k
+RMSNorm first; elsewhere the torch code below runs, the reference the kernel is tested against.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 
 import torch
 from torch import nn
+
+from minivllm.layers.norm import RMSNorm, fused_kernels_apply
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -58,8 +64,31 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: ``[T, Hq, D]``, k: ``[T, Hk, D]``; returns rotated (q, k) in their dtype."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *,
+                use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: ``[T, Hq, D]``, k: ``[T, Hk, D]``; returns rotated (q, k) in their dtype.
+
+        With ``q_norm``/``k_norm`` (both or neither), each head is RMS-normalised first, as
+        ``q_norm(q)``/``k_norm(k)`` would (Qwen3); the Triton path does both in one launch.
+        ``use_triton`` as in :func:`minivllm.layers.norm.fused_kernels_apply`.
+
+        Raises:
+            ValueError: when only one of ``q_norm``/``k_norm`` is given.
+        """
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("pass both q_norm and k_norm, or neither")
+        if fused_kernels_apply(q, use_triton):
+            # Imported here: only the CUDA (or forced) path needs triton.
+            from minivllm.kernels.rotary import rotary_embedding
+
+            if q_norm is None:
+                return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache,
+                                    q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps)
+        if q_norm is not None:
+            q = q_norm(q, use_triton=False)
+            k = k_norm(k, use_triton=False)
         cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin_cache[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
