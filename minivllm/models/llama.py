@@ -47,10 +47,8 @@ class DecoderAttention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        # Qwen3's per-head q/k norm runs inside the rotary kernel on GPU (None elsewhere).
+        q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
