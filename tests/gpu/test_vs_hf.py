@@ -16,7 +16,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 QWEN3_06B = str(Path(__file__).resolve().parents[2] / "benchmarks" / "models" / "qwen3-0.6b")
 NEW_TOKENS = 16
-LOGPROB_TOL = 0.15  # bf16 end to end vs float32
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +31,34 @@ def shared_weights(tmp_path_factory):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     path = tmp_path_factory.mktemp("qwen3-shared")
     hf.save_pretrained(path)
-    return str(path), hf.float()
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    return str(path), hf, hf32
 
 
 def test_gpu_engine_logprobs_close_to_hf_float32(shared_weights):
-    path, hf = shared_weights
+    """bf16 drifts from float32 even inside HF, so the yardstick is HF's own bf16 error: ours
+    (vs HF float32, teacher-forced on our tokens) must be of the same size, not just "small"."""
+    path, hf16, hf32 = shared_weights
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in (1, 16, 17, 100, 300, 700)]
     llm = LLM(path, dtype="bfloat16", max_model_len=2048)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5,
                                                 ignore_eos=True), use_tqdm=False)
-    worst = 0.0
+    ours_err, hf16_err, flips = [], [], 0
     for prompt, out in zip(prompts, outs):
-        ids = prompt + out.outputs[0].token_ids
+        ids = torch.tensor([prompt + out.outputs[0].token_ids], device="cuda")
         with torch.no_grad():
-            ref = hf(torch.tensor([ids], device="cuda")).logits[0].float().log_softmax(-1)
+            ref = hf32(ids).logits[0].float().log_softmax(-1)
+            bf16 = hf16(ids).logits[0].float().log_softmax(-1)
         for step, (tok, lps) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-            row = ref[len(prompt) - 1 + step]
-            for t, lp in lps.items():
-                worst = max(worst, abs(lp - row[t].item()))
-                assert abs(lp - row[t].item()) < LOGPROB_TOL, (len(prompt), step, t, lp, row[t].item())
-            # Our greedy pick is (near) the float32 argmax: only a near tie may flip it.
-            assert row.max().item() - row[tok].item() < LOGPROB_TOL, (len(prompt), step)
-    print(f"max |logprob - HF fp32| = {worst:.4f}")
+            pos = len(prompt) - 1 + step
+            top = list(lps)
+            ours_err.append(max(abs(lps[t] - ref[pos, t].item()) for t in top))
+            hf16_err.append(max(abs(bf16[pos, t].item() - ref[pos, t].item()) for t in top))
+            flips += int(ref[pos].argmax().item() != tok)
+    ours_mean, hf16_mean = sum(ours_err) / len(ours_err), sum(hf16_err) / len(hf16_err)
+    print(f"|logprob - HF fp32|: ours mean {ours_mean:.4f} max {max(ours_err):.4f}; "
+          f"HF bf16 mean {hf16_mean:.4f} max {max(hf16_err):.4f}; greedy flips {flips}/{len(ours_err)}")
+    assert ours_mean <= 1.5 * hf16_mean + 0.01
+    assert max(ours_err) <= 1.5 * max(hf16_err) + 0.05
+    assert flips <= 0.1 * len(ours_err)

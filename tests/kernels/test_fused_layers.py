@@ -52,7 +52,9 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, **TOL[ref.dtype])
-    if ref.dtype != torch.float32:
+    # Bit-identity is a CPU (interpreter) property: on CUDA, torch's own elementwise kernels
+    # use other exp/rsqrt approximations, so only the tolerance applies there.
+    if ref.dtype != torch.float32 and not ref.is_cuda:
         exact = (out == ref).float().mean().item()
         assert exact >= MIN_EXACT_FRACTION, f"only {exact:.2%} bit-identical to torch"
 
