@@ -2,7 +2,9 @@
 
 ``kv_store`` writes a step's K/V at its slots; ``paged_decode`` is split-KV flash-decoding for
 pure decode steps (graph-capturable); ``paged_prefill`` is varlen causal attention for mixed
-steps (decode rows, prefill and extend chunks over cached prefixes). ``common`` holds the host
-checks and sizing, ``testing`` the random paged batches that tests and benchmarks share.
-Importing these modules needs ``triton``; the attention backend imports them lazily.
+steps (decode rows, prefill and extend chunks over cached prefixes). ``rms_norm``, ``rotary``
+(with Qwen3's per-head q/k norm fused in) and ``activation`` (SiLU-and-mul) replace the dozens
+of elementwise torch kernels per layer on CUDA. ``common`` holds the host checks and sizing,
+``testing`` the random paged batches that tests and benchmarks share.
+Importing these modules needs ``triton``; the backend and the layers import them lazily.
 """

@@ -11,12 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minivllm.kernels.common import cdiv, next_pow2
-from minivllm.kernels.rms_norm import (
-    NO_FP_FUSION,
-    check_kernel_tensor,
-    elementwise_num_warps,
-)
+from minivllm.kernels.common import (NO_FP_FUSION, cdiv, check_kernel_tensor,
+                                     elementwise_num_warps, next_pow2)
+
 
 # Columns per program: small enough that a batch-1 row of a few thousand columns still
 # spreads over several programs, big enough for full-width vector loads.

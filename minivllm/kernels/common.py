@@ -1,8 +1,9 @@
-"""Host-side helpers shared by the Triton attention kernels: validation and launch sizing."""
+"""Host-side helpers shared by the Triton kernels: validation and launch sizing."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -75,3 +76,29 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact float32 products: TF32 would silently cost ~3 digits."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- elementwise kernels (RMSNorm, rotary, SiLU-and-mul) ----------------------------------
+ELEMENTWISE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Launch option for every kernel here: no multiply-add contraction, so each float32 product
+# and sum rounds on its own as in torch's separate kernels (costs nothing: memory-bound).
+NO_FP_FUSION = {"enable_fp_fusion": False}
+def check_kernel_tensor(t: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``t`` is a float tensor a Triton kernel can run on here."""
+    if t.dtype not in ELEMENTWISE_DTYPES:
+        raise ValueError(f"{name} dtype {t.dtype} unsupported; use one of {ELEMENTWISE_DTYPES}")
+    if t.device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{name} is on {t.device}: Triton kernels need CUDA, or "
+                             "TRITON_INTERPRET=1 (set before the kernels are imported) on CPU")
+        if t.dtype == torch.bfloat16:
+            # The interpreter (Triton 3.9) runs bfloat16 kernels but returns garbage: refuse.
+            raise ValueError(f"{name}: the Triton interpreter (CPU) has no working bfloat16; "
+                             "use float16/float32 there")
+    if t.dim() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dimension, got strides {t.stride()}")
+
+
+def elementwise_num_warps(tile_elements: int) -> int:
+    """Warps for a memory-bound tile: ~8 elements per thread (16-byte fp16 vectors), 1 to 16."""
+    return max(1, min(16, tile_elements // 256))

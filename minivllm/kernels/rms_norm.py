@@ -12,42 +12,18 @@ Also home to the small host checks the other elementwise kernels (rotary, activa
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from minivllm.kernels.common import next_pow2
+from minivllm.kernels.common import (NO_FP_FUSION, check_kernel_tensor, elementwise_num_warps,
+                                     next_pow2)
 
-ELEMENTWISE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Launch option for every kernel here: no multiply-add contraction, so each float32 product
-# and sum rounds on its own as in torch's separate kernels (costs nothing: memory-bound).
-NO_FP_FUSION = {"enable_fp_fusion": False}
 # A row lives in registers; no supported model comes near this, and beyond it a tile this
 # wide would spill (or fail to compile) rather than run slowly.
 MAX_ROW_ELEMENTS = 65536
 
-
-def check_kernel_tensor(t: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` unless ``t`` is a float tensor a Triton kernel can run on here."""
-    if t.dtype not in ELEMENTWISE_DTYPES:
-        raise ValueError(f"{name} dtype {t.dtype} unsupported; use one of {ELEMENTWISE_DTYPES}")
-    if t.device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"{name} is on {t.device}: Triton kernels need CUDA, or "
-                             "TRITON_INTERPRET=1 (set before the kernels are imported) on CPU")
-        if t.dtype == torch.bfloat16:
-            # The interpreter (Triton 3.9) runs bfloat16 kernels but returns garbage: refuse.
-            raise ValueError(f"{name}: the Triton interpreter (CPU) has no working bfloat16; "
-                             "use float16/float32 there")
-    if t.dim() > 0 and t.stride(-1) != 1:
-        raise ValueError(f"{name} needs a contiguous last dimension, got strides {t.stride()}")
-
-
-def elementwise_num_warps(tile_elements: int) -> int:
-    """Warps for a memory-bound tile: ~8 elements per thread (16-byte fp16 vectors), 1 to 16."""
-    return max(1, min(16, tile_elements // 256))
 
 
 @triton.jit

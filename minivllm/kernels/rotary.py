@@ -15,12 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minivllm.kernels.common import cdiv, next_pow2
-from minivllm.kernels.rms_norm import (
-    NO_FP_FUSION,
-    check_kernel_tensor,
-    elementwise_num_warps,
-)
+from minivllm.kernels.common import (NO_FP_FUSION, cdiv, check_kernel_tensor,
+                                     elementwise_num_warps, next_pow2)
+
 
 # Decode-sized launches get one head per program (more programs in flight, lower latency);
 # prefill-sized ones group heads so each program moves a useful amount of data.
