@@ -14,22 +14,27 @@ import torch
 from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
                              resolve_device, resolve_dtype, validate_engine_args)
 from minivllm.engine.core import EngineCore
-from minivllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
-from minivllm.engine.output_processor import OutputProcessor
+from minivllm.engine.frontend import build_frontend
+from minivllm.engine.input_processor import ProcessedPrompt, PromptType
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
-from minivllm.tokenizer import load_tokenizer, render_chat
+from minivllm.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
 
-def build_engine_config(model: str | None, *, dtype: str | torch.dtype, device: str | torch.device,
-                        max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
-                        block_size: int, num_kv_blocks: int | None, gpu_memory_utilization: float,
-                        enable_prefix_caching: bool, enforce_eager: bool, seed: int, load_format: str,
-                        attention_backend: str, tensor_parallel_size: int,
-                        skip_tokenizer_init: bool) -> EngineConfig:
-    """Validate user arguments once and resolve them into a frozen ``EngineConfig``."""
+def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = "auto",
+                        device: str | torch.device = "auto", max_model_len: int | None = None,
+                        max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                        block_size: int = 16, num_kv_blocks: int | None = None,
+                        gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                        enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
+                        attention_backend: str = "auto", tensor_parallel_size: int = 1,
+                        skip_tokenizer_init: bool = False) -> EngineConfig:
+    """Validate user arguments once and resolve them into a frozen ``EngineConfig``.
+
+    The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
+    """
     validate_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
                          gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
@@ -81,15 +86,12 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
             load_format=load_format, attention_backend=attention_backend,
             tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init)
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.config.model_dir)
-        eos = set(self.config.arch.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        frontend = build_frontend(self.config)
+        self.tokenizer = frontend.tokenizer
+        self.eos_token_ids = frontend.eos_token_ids
+        self.input_processor = frontend.input_processor
+        self.output_processor = frontend.output_processor
         self.engine = EngineCore(self.config)
-        self.input_processor = InputProcessor(self.tokenizer, self.config.arch.vocab_size,
-                                              self.eos_token_ids)
-        self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     # ---- public API ----------------------------------------------------------------------

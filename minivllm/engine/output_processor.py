@@ -12,11 +12,16 @@ from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
+
 @dataclass
 class _SequenceState:
     index: int
     detok: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
+    num_sent_tokens: int = 0  # for delta outputs: what earlier outputs already carried
+    num_sent_chars: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
@@ -30,6 +35,7 @@ class _RequestState:
     params: SamplingParams
     metrics: RequestMetrics
     seqs: list[_SequenceState]
+    output_kind: str = "final"
     num_cached_tokens: int = 0
 
     @property
@@ -46,7 +52,13 @@ class OutputProcessor:
         self._child_to_parent: dict[str, tuple[str, int]] = {}
 
     def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                    arrival_time: float) -> None:
+                    arrival_time: float, output_kind: str = "final") -> None:
+        """Track a request. ``output_kind``: ``final`` (one output when done), ``cumulative``
+        (every step, everything so far) or ``delta`` (every step, only what is new)."""
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
         seqs = []
         for i in range(params.n):
             detok = IncrementalDetokenizer(self.tokenizer, prompt.prompt_token_ids,
@@ -58,11 +70,11 @@ class OutputProcessor:
             seqs.append(seq)
             self._child_to_parent[child_request_id(request_id, i)] = (request_id, i)
         self.states[request_id] = _RequestState(request_id, prompt, params,
-                                                RequestMetrics(arrival_time), seqs)
+                                                RequestMetrics(arrival_time), seqs, output_kind)
 
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the RequestOutputs of requests that finished this step, and the core ids
-        that a stop string ended (the core must abort them)."""
+        """Returns this step's RequestOutputs (finished requests, plus unfinished streaming
+        ones), and the core ids that a stop string ended (the core must abort them)."""
         now = time.time()
         to_abort: list[str] = []
         touched: dict[str, _RequestState] = {}
@@ -91,13 +103,15 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 self._child_to_parent.pop(out.request_id, None)
             touched[state.request_id] = state
-        finished = []
+        results = []
         for state in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
-                finished.append(self.make_output(state))
+                results.append(self.make_output(state))
                 del self.states[state.request_id]
-        return finished, to_abort
+            elif state.output_kind != "final":
+                results.append(self.make_output(state))
+        return results, to_abort
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish every unfinished sequence of ``request_id`` with ``abort``."""
@@ -112,13 +126,37 @@ class OutputProcessor:
         return self.make_output(state)
 
     def make_output(self, state: _RequestState) -> RequestOutput:
-        outs = [CompletionOutput(
-            index=s.index, text=s.detok.text, token_ids=list(s.token_ids),
-            finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-            logprobs=list(s.logprobs) if s.logprobs is not None else None,
-            cumulative_logprob=s.cumulative_logprob) for s in state.seqs]
+        finished = state.finished
+        delta = state.output_kind == "delta"
+        outs = []
+        for s in state.seqs:
+            text = s.detok.text
+            if s.finish_reason is None and s.detok.max_stop_len > 1:
+                # A stop string may be forming at the end: hold those characters back.
+                text = text[:max(len(text) - (s.detok.max_stop_len - 1), 0)]
+            text = text[max(min(s.num_sent_chars, len(text)), 0):] if delta else text
+            token_ids = s.token_ids[s.num_sent_tokens:] if delta else list(s.token_ids)
+            logprobs = None
+            if s.logprobs is not None:
+                logprobs = s.logprobs[s.num_sent_tokens:] if delta else list(s.logprobs)
+            if delta:
+                s.num_sent_chars += len(text)
+                s.num_sent_tokens = len(s.token_ids)
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=token_ids, finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason, logprobs=logprobs, cumulative_logprob=s.cumulative_logprob))
         return RequestOutput(
             request_id=state.request_id, prompt=state.prompt.prompt,
             prompt_token_ids=list(state.prompt.prompt_token_ids), outputs=outs,
-            finished=state.finished, num_cached_tokens=state.num_cached_tokens,
+            finished=finished, num_cached_tokens=state.num_cached_tokens,
             metrics=state.metrics)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def fail_all(self) -> list[str]:
+        """Forget every live request (the engine died); returns their ids."""
+        ids = list(self.states)
+        self.states.clear()
+        self._child_to_parent.clear()
+        return ids

@@ -17,6 +17,14 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.request import Request, RequestStatus
 
 
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
+    """Raise ValueError when a prompt leaves no room for one generated token."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len} "
+            "(the prompt plus at least one generated token must fit)")
+
+
 @dataclass
 class SchedulerOutput:
     """Which requests run this step and how many new tokens each computes (same order)."""
@@ -55,10 +63,7 @@ class Scheduler:
 
     def check_fits(self, num_prompt_tokens: int) -> None:
         """Raise ValueError when a prompt can never run: too long, or more blocks than exist."""
-        if num_prompt_tokens >= self.config.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt_tokens} tokens, but max_model_len is {self.config.max_model_len} "
-                "(the prompt plus at least one generated token must fit)")
+        check_prompt_fits(num_prompt_tokens, self.config.max_model_len)
         if self.kv.blocks_needed(num_prompt_tokens + 1) > self.kv.num_blocks:
             raise ValueError(
                 f"prompt needs {self.kv.blocks_needed(num_prompt_tokens + 1)} KV blocks but the cache "

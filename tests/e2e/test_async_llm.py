@@ -1,0 +1,169 @@
+"""AsyncLLM: streaming from an engine core in its own process (ZMQ), aborts, errors, death."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from minivllm import LLM, AsyncLLM, EngineDeadError, SamplingParams
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dirs):
+    eng = AsyncLLM(tiny_model_dirs["qwen3"], device="cpu")
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dirs):
+    return LLM(tiny_model_dirs["qwen3"], device="cpu")
+
+
+async def _collect(engine, prompt, params, rid, **kw):
+    return [out async for out in engine.generate(prompt, params, rid, **kw)]
+
+
+def test_streams_one_token_per_output_and_matches_offline(engine, reference):
+    prompt = random_prompts([20], seed=51)[0]
+    outs = asyncio.run(_collect(engine, prompt, GREEDY, "stream-1"))
+    assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 13))
+    assert [o.finished for o in outs] == [False] * 11 + [True]
+    expected = reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert outs[-1].outputs[0].token_ids == expected
+    assert outs[-1].outputs[0].finish_reason == "length"
+
+
+def test_concurrent_requests_each_match_offline_and_delta_mode(engine, reference):
+    prompts = random_prompts([3, 40, 17, 9, 64, 1], seed=52)
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, GREEDY, use_tqdm=False)]
+
+    async def main():
+        cumulative = [_collect(engine, p, GREEDY, f"conc-{i}") for i, p in enumerate(prompts[:3])]
+        delta = [_collect(engine, p, GREEDY, f"delta-{i}", output_kind="delta")
+                 for i, p in enumerate(prompts[3:])]
+        return await asyncio.gather(*cumulative, *delta)
+
+    results = asyncio.run(main())
+    for outs, exp in zip(results[:3], expected[:3]):
+        assert outs[-1].outputs[0].token_ids == exp
+    for outs, exp in zip(results[3:], expected[3:]):
+        assert sum((o.outputs[0].token_ids for o in outs), []) == exp  # deltas add up
+
+
+def test_abort_and_early_exit_leave_other_requests_untouched(engine, reference):
+    long_params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    prompt = random_prompts([10], seed=53)[0]
+    expected = reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+    async def main():
+        async def aborted():
+            outs = []
+            async for out in engine.generate(prompt, long_params, "to-abort"):
+                outs.append(out)
+                if len(outs) == 3:
+                    await engine.abort("to-abort")
+            return outs
+
+        async def left_early():
+            async for out in engine.generate(prompt, long_params, "left-early"):
+                if len(out.outputs[0].token_ids) >= 2:
+                    break  # the generator's cleanup aborts the request
+
+        normal = asyncio.create_task(_collect(engine, prompt, GREEDY, "bystander"))
+        ab = await aborted()
+        await left_early()
+        return ab, await normal
+
+    aborted_outs, normal_outs = asyncio.run(main())
+    assert aborted_outs[-1].finished and aborted_outs[-1].outputs[0].finish_reason == "abort"
+    assert len(aborted_outs[-1].outputs[0].token_ids) < 200
+    assert normal_outs[-1].outputs[0].token_ids == expected
+
+    async def idle():
+        for _ in range(100):
+            stats = await engine.stats()
+            if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+                return stats
+            await asyncio.sleep(0.05)
+        return stats
+
+    assert asyncio.run(idle())["num_running"] == 0  # nothing left running in the core
+
+
+def test_bad_requests_fail_alone(engine):
+    prompt = random_prompts([8], seed=54)[0]
+
+    async def main():
+        with pytest.raises(ValueError, match="empty"):
+            await _collect(engine, [], GREEDY, "bad-empty")
+        with pytest.raises(ValueError, match="max_model_len"):
+            await _collect(engine, [1] * 600, GREEDY, "bad-long")
+        with pytest.raises(ValueError, match="out of vocabulary"):
+            await _collect(engine, [10**6], GREEDY, "bad-vocab")
+
+        async def holder():
+            return await _collect(engine, prompt, GREEDY, "dup")
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        with pytest.raises(ValueError, match="already in use"):
+            await _collect(engine, prompt, GREEDY, "dup")
+        good = await first
+        n2 = await _collect(engine, prompt, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=5), "n2")
+        return good, n2
+
+    good, n2 = asyncio.run(main())
+    assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 12
+    assert [len(c.token_ids) for c in n2[-1].outputs] == [5, 5]
+
+
+def test_dead_engine_core_is_reported(tiny_model_dirs):
+    eng = AsyncLLM(tiny_model_dirs["llama"], device="cpu")
+    try:
+        prompt = random_prompts([5], seed=55)[0]
+        long_params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+
+        async def main():
+            async for out in eng.generate(prompt, long_params, "doomed"):
+                if len(out.outputs[0].token_ids) == 2:
+                    os.kill(eng.client.proc.pid, signal.SIGKILL)
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(main())
+        assert eng.errored
+        with pytest.raises(EngineDeadError):
+            asyncio.run(eng.check_health())
+        with pytest.raises(EngineDeadError):
+            asyncio.run(_collect(eng, prompt, GREEDY, "after-death"))
+    finally:
+        eng.shutdown()
+
+
+def test_streamed_text_with_stop_string_never_leaks_it(smollm_dir, smol_llm):
+    msgs = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    free = smol_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0].text
+    stop = free[12:17]
+    expected = free[:free.index(stop)]
+    params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+
+    async def main(eng):
+        deltas = [o async for o in eng.chat(msgs, params, "delta-stop", output_kind="delta")]
+        cumulative = [o async for o in eng.chat(msgs, params, "cum-stop")]
+        return deltas, cumulative
+
+    with AsyncLLM(smollm_dir, device="cpu") as eng:
+        deltas, cumulative = asyncio.run(main(eng))
+    assert "".join(o.outputs[0].text for o in deltas) == expected
+    assert all(stop not in o.outputs[0].text for o in cumulative)
+    assert cumulative[-1].outputs[0].text == expected
+    assert cumulative[-1].outputs[0].finish_reason == "stop"
+    # Cumulative texts only ever grow (held-back characters are never taken back).
+    texts = [o.outputs[0].text for o in cumulative]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
