@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,7 +159,6 @@ class EngineConfig:
     attention_backend: str
     tensor_parallel_size: int
     skip_tokenizer_init: bool
-    extra: dict = field(default_factory=dict)
 
 
 def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,

@@ -45,8 +45,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
             param.data.fill_(1.0)
-        elif name.endswith(".bias"):
-            param.data.normal_(0.0, 0.02, generator=gen)
         else:
             param.data.normal_(0.0, 0.02, generator=gen)
 
