@@ -1,4 +1,4 @@
-"""``minivllm`` command line: ``minivllm generate "prompt"`` (more subcommands to come)."""
+"""``minivllm`` command line: ``minivllm generate "prompt"`` and ``minivllm serve`` (OpenAI-compatible HTTP)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from minivllm import AsyncLLM
+    from minivllm.entrypoints.openai.server import serve
+
+    engine = AsyncLLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+                      max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                      enforce_eager=args.enforce_eager, seed=args.seed)
+    name = args.served_model_name or args.model or "smollm2-135m-instruct"
+    try:
+        asyncio.run(serve(engine, name, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minivllm", description="A compact vLLM-style LLM runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the chat template (default: on when the model has one)")
     g.set_defaults(func=_generate)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None,
+                   help="model name in the API (default: --model, or smollm2-135m-instruct)")
+    s.set_defaults(func=_serve)
     return parser
 
 
