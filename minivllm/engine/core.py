@@ -38,6 +38,7 @@ class EngineCore:
                            max_model_len)
         self.scheduler_config = SchedulerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
                                                 max_model_len)
+        self.runner.warm_up_prefill(sched.max_num_batched_tokens, max_model_len)
         if not config.enforce_eager:
             self.runner.capture_decode_graphs(sched.max_num_seqs, max_model_len)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)

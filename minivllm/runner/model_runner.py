@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.selector import get_attention_backend
 from minivllm.config import ModelArchConfig
 from minivllm.engine.request import Request
@@ -92,6 +93,34 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphRunner(
             self.model, self.kv_caches, capture_sizes(max_num_seqs),
             max_model_len, self.block_size, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, max_num_batched_tokens: int, max_model_len: int,
+                        force: bool = False) -> None:
+        """Run the prefill path once per query-length bucket of the Triton prefill kernel (its
+        tile shrinks for short queries) and once at the full token budget, so Triton compiles
+        before the first request instead of during it. Writes nothing to the KV cache: every
+        slot is ``-1``. Only on CUDA with the Triton backend, unless ``force`` (tests)."""
+        if not force and (self.device.type != "cuda" or self.backend.name != "triton"):
+            return
+        longest = min(max_num_batched_tokens, max_model_len - 1)
+        lengths = sorted({min(2 ** i, longest) for i in range(1, 9)} | {longest})
+        for n in (n for n in lengths if n >= 2):
+            num_blocks = -(-n // self.block_size)
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros((1, num_blocks), dtype=torch.int32, device=self.device),
+                max_query_len=n, max_seq_len=n,
+                query_start_loc_cpu=torch.tensor([0, n], dtype=torch.int32),
+                seq_lens_cpu=torch.tensor([n], dtype=torch.int32), num_actual_tokens=n)
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            positions = torch.arange(n, dtype=torch.int64, device=self.device)
+            hidden = self.model(ids, positions, self.kv_caches, meta)
+            self.model.compute_logits(hidden[-1:]).argmax(dim=-1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- the step ------------------------------------------------------------------------
     def remove_request(self, request_id: str) -> None:

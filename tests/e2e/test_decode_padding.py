@@ -45,3 +45,19 @@ def test_padded_decode_buffers_match_plain_decode(tiny_model_dirs):
     k_cache = runner.kv_caches[0][0]
     touched = (k_cache.abs().sum(dim=(1, 2, 3)) != 0).nonzero().flatten().tolist()
     assert len(touched) < used and max(touched) < 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; GPU runs tests/gpu")
+def test_prefill_warm_up_runs_every_bucket_and_writes_nothing(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["qwen3_hd64"], device="cpu", dtype="float32", attention_backend="triton",
+              max_model_len=96, num_kv_blocks=8)
+    runner = llm.engine.runner
+    calls = []
+    forward = runner.model.forward
+    runner.model.forward = lambda ids, *a: calls.append(len(ids)) or forward(ids, *a)
+    runner.warm_up_prefill(max_num_batched_tokens=64, max_model_len=96, force=True)
+    assert calls == [2, 4, 8, 16, 32, 64]
+    assert all(not k.any() and not v.any() for k, v in runner.kv_caches)  # slots -1: untouched
+    # The engine still generates normally afterwards.
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
