@@ -9,6 +9,8 @@ runs the next step, so new requests join the running batch at the next step.
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 import traceback
 
 import zmq
@@ -17,6 +19,9 @@ from minivllm.config import EngineConfig
 from minivllm.engine.core import EngineCore
 from minivllm.engine.request import Request
 from minivllm.engine.serialization import outputs_to_wire, pack, params_from_wire, unpack
+
+
+_PARENT_CHECK_S = 1.0
 
 
 def _add_requests(core: EngineCore, wire_requests: list[dict], push: zmq.Socket) -> None:
@@ -41,8 +46,16 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         core = EngineCore(config)
         push.send(pack("ready", {"num_kv_blocks": core.cache_config.num_kv_blocks,
                                  "max_model_len": core.scheduler_config.max_model_len}))
+        parent = multiprocessing.parent_process()
+        last_parent_check = time.monotonic()
         while True:
-            timeout = 0 if core.has_unfinished else None  # block only when idle
+            # Idle: wait for input, but wake up now and then to see whether the frontend
+            # still exists; a core whose parent was killed must not linger.
+            timeout = 0 if core.has_unfinished else _PARENT_CHECK_S * 1000
+            if time.monotonic() - last_parent_check > _PARENT_CHECK_S:
+                last_parent_check = time.monotonic()
+                if parent is not None and not parent.is_alive():
+                    return
             while pull.poll(timeout):
                 kind, payload = unpack(pull.recv())
                 if kind == "shutdown":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -56,6 +57,11 @@ def _serve(args: argparse.Namespace) -> int:
                       max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                       enforce_eager=args.enforce_eager, seed=args.seed)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
+
+    def on_sigterm(signum, frame):  # a supervisor's stop: shut down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         asyncio.run(serve(engine, name, args.host, args.port))
     except KeyboardInterrupt:

@@ -167,3 +167,32 @@ def test_streamed_text_with_stop_string_never_leaks_it(smollm_dir, smol_llm):
     # Cumulative texts only ever grow (held-back characters are never taken back).
     texts = [o.outputs[0].text for o in cumulative]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+
+
+def test_engine_core_exits_when_its_frontend_is_killed(tiny_model_dirs):
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal, sys\n"
+        "from minivllm import AsyncLLM\n"
+        "if __name__ == '__main__':\n"
+        f"    eng = AsyncLLM({tiny_model_dirs['llama']!r}, device='cpu')\n"
+        "    print(eng.client.proc.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    core_pid = int(proc.stdout.split()[0])
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is as good as gone
+            return f.read().split()[2] != "Z"
+
+    deadline = time.monotonic() + 15
+    while alive(core_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(core_pid), "the engine core outlived its killed frontend"
