@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,13 +34,17 @@ def build_model_inputs(sched: SchedulerOutput, block_size: int, device: torch.de
     req_of_token = np.repeat(np.arange(len(num_tokens)), num_tokens)
     positions = starts[req_of_token] + (np.arange(total) - query_start_loc[:-1][req_of_token])
 
-    input_ids = np.empty(total, dtype=np.int64)
-    max_blocks = max(len(r.block_ids) for r in sched.requests)
-    block_tables = np.zeros((len(num_tokens), max_blocks), dtype=np.int32)
-    for i, (req, n) in enumerate(zip(sched.requests, sched.num_scheduled_tokens)):
-        s = int(starts[i])
-        input_ids[query_start_loc[i]:query_start_loc[i + 1]] = req.token_slice(s, s + n)
-        block_tables[i, :len(req.block_ids)] = req.block_ids
+    # One numpy conversion for all tokens and one for all block ids: per-row slice assignments
+    # from Python lists cost ~1 µs each, which adds up to most of a 256-request decode step.
+    reqs, counts = sched.requests, sched.num_scheduled_tokens
+    input_ids = np.fromiter(
+        itertools.chain.from_iterable(r.token_slice(r.num_computed_tokens, r.num_computed_tokens + n)
+                                      for r, n in zip(reqs, counts)), dtype=np.int64, count=total)
+    max_blocks = max(len(r.block_ids) for r in reqs)
+    block_tables = np.fromiter(
+        itertools.chain.from_iterable(
+            itertools.chain(r.block_ids, itertools.repeat(0, max_blocks - len(r.block_ids)))
+            for r in reqs), dtype=np.int32, count=len(reqs) * max_blocks).reshape(len(reqs), max_blocks)
     slot_mapping = (block_tables[req_of_token, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
 
