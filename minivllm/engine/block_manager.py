@@ -106,6 +106,9 @@ class BlockManager:
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give ``req`` the cached prefix blocks plus enough new blocks for ``num_new_tokens``
         more tokens. Returns False (and changes nothing) when the cache is too full."""
+        if not cached_blocks and (req.num_computed_tokens + num_new_tokens
+                                  <= len(req.block_ids) * self.block_size):
+            return True  # the common decode case: the last block still has room
         if not self.can_allocate(req, num_new_tokens, cached_blocks):
             return False
         for block_id in cached_blocks:
@@ -146,9 +149,9 @@ class BlockManager:
 
     def cache_computed_blocks(self, req: Request) -> None:
         """Register hashes for ``req``'s blocks that are now full of computed K/V."""
-        if not self.enable_prefix_caching:
-            return
         num_full = req.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= req.num_registered_blocks:
+            return  # nothing newly full (most decode steps)
         self._ensure_hashes(req, num_full * self.block_size)
         bs = self.block_size
         for i in range(req.num_registered_blocks, num_full):
