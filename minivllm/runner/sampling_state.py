@@ -72,17 +72,24 @@ class SamplingState:
         return [i for i in ids if 0 <= i < self.vocab_size]
 
     def _add_penalties(self, md: SamplingMetadata, reqs: list[Request]) -> None:
-        b, v = len(reqs), self.vocab_size
-        prompt_mask = torch.zeros(b, v, dtype=torch.bool)
-        counts = torch.zeros(b, v, dtype=torch.float32)
-        for i, r in enumerate(reqs):
-            prompt_mask[i, torch.tensor(r.prompt_token_ids, dtype=torch.int64)] = True
-            if r.output_token_ids:
-                out = torch.tensor(r.output_token_ids, dtype=torch.int64)
-                counts[i].index_add_(0, out, torch.ones(len(out)))
-        dev = self.device
-        md.prompt_mask = prompt_mask.to(dev, non_blocking=True)
-        md.output_counts = counts.to(dev, non_blocking=True)
+        """Prompt-occurrence mask and output counts, built on the device from the token ids:
+        only ``[B, longest]`` ids cross to the device, never a ``[B, vocab]`` table."""
+        b, v, dev = len(reqs), self.vocab_size, self.device
+
+        def occurrences(seqs: list[list[int]]) -> torch.Tensor:
+            longest = max((len(x) for x in seqs), default=0)
+            # Padding points at an extra column that is dropped afterwards.
+            ids = torch.full((b, max(longest, 1)), v, dtype=torch.int64)
+            for i, x in enumerate(seqs):
+                if x:
+                    ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
+            counts = torch.zeros(b, v + 1, dtype=torch.float32, device=dev)
+            ids = ids.to(dev, non_blocking=True)
+            counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=dev))
+            return counts[:, :v]
+
+        md.prompt_mask = occurrences([r.prompt_token_ids for r in reqs]) > 0
+        md.output_counts = occurrences([r.output_token_ids for r in reqs])
         md.repetition_penalty = torch.tensor([r.params.repetition_penalty for r in reqs]).to(dev)
         md.presence_penalty = torch.tensor([r.params.presence_penalty for r in reqs]).to(dev)
         md.frequency_penalty = torch.tensor([r.params.frequency_penalty for r in reqs]).to(dev)
