@@ -113,6 +113,30 @@ def test_token_id_completion_matches_offline(tiny_server, tiny_reference):
     assert body["usage"] == {"prompt_tokens": 13, "completion_tokens": 12, "total_tokens": 25}
 
 
+def test_batched_prompts_non_streaming_and_streaming(tiny_server, tiny_reference):
+    prompts = random_prompts([5, 30, 12], seed=72)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in tiny_reference.generate(prompts, params, use_tqdm=False)]
+    body = {"model": TINY_NAME, "prompt": prompts, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    status, resp = _request(tiny_server.port, "POST", "/v1/completions", body)
+    assert status == 200, resp
+    assert [c["index"] for c in resp["choices"]] == [0, 1, 2]
+    assert [c["token_ids"] for c in resp["choices"]] == expected
+    assert resp["usage"]["prompt_tokens"] == 47 and resp["usage"]["completion_tokens"] == 30
+    # Streaming interleaves the prompts; every choice index ends exactly once.
+    events = _stream(tiny_server.port, "/v1/completions", {**body, "n": 2, "seed": 1, "temperature": 1.0})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finished = sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"])
+    assert finished == [0, 1, 2, 3, 4, 5]
+    # One bad prompt in a batch: 400, and the good ones do not linger in the engine.
+    bad = {**body, "prompt": [prompts[0], [1] * 600]}
+    status, resp = _request(tiny_server.port, "POST", "/v1/completions", bad)
+    assert status == 400 and "max_model_len" in resp["error"]["message"]
+    stats = tiny_server.call(tiny_server.engine.stats())
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
 def test_text_completion_and_stream_match_offline(smol_server, smol_llm):
     prompt = "The three primary colors are"
     params = SamplingParams(temperature=0, max_tokens=20)

@@ -67,6 +67,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     chat_logprobs: bool  # chat: return logprobs in chat format
+    prompts: list[Any] | None = None  # completions with a batch of prompts (then prompt is None)
 
 
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
@@ -97,13 +98,7 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage", False))
 
 
-def parse_completion_request(body: dict[str, Any]) -> ParsedRequest:
-    """``/v1/completions``: prompt is a string or a list of token ids (one prompt per request)."""
-    if "prompt" not in body:
-        raise RequestError("missing required field 'prompt'", param="prompt")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one, as some clients always send
+def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         if not prompt:
             raise RequestError("prompt must not be empty", param="prompt")
@@ -111,17 +106,36 @@ def parse_completion_request(body: dict[str, Any]) -> ParsedRequest:
         if not prompt:
             raise RequestError("prompt must not be empty", param="prompt")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("prompt must be a string or a list of token ids "
-                               "(batched prompts are not supported)", param="prompt")
+            raise RequestError("prompt must be a string, a list of token ids, or a list of "
+                               "either (a batch)", param="prompt")
     else:
         raise RequestError("prompt must be a string or a list of token ids", param="prompt")
+
+
+def parse_completion_request(body: dict[str, Any]) -> ParsedRequest:
+    """``/v1/completions``: prompt is a string, a list of token ids, or a batch (a list of
+    either); a batch's choices are numbered prompt by prompt (``i * n + j``)."""
+    if "prompt" not in body:
+        raise RequestError("missing required field 'prompt'", param="prompt")
+    prompt = body["prompt"]
+    prompts = None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) == 1:
+            prompt = prompt[0]  # a batch of one, as some clients always send
+        else:
+            prompts = list(prompt)
+            for p in prompts:
+                _check_prompt(p)
+            prompt = None
+    if prompts is None:
+        _check_prompt(prompt)
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
         raise RequestError("logprobs must be an integer for /v1/completions", param="logprobs")
     max_tokens = body.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
     stream, include_usage = _stream_flags(body)
     return ParsedRequest(prompt, None, _sampling_params(body, max_tokens, logprobs), stream,
-                         include_usage, chat_logprobs=False)
+                         include_usage, chat_logprobs=False, prompts=prompts)
 
 
 def parse_chat_request(body: dict[str, Any]) -> ParsedRequest:
@@ -187,6 +201,18 @@ def completion_response(rid: str, model: str, out: RequestOutput, tokenizer: Any
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices,
             "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
+
+
+def completion_batch_response(rid: str, model: str, outs: list[RequestOutput], tokenizer: Any,
+                              n: int) -> dict[str, Any]:
+    """One response for a batch of prompts: prompt ``i``'s choice ``j`` has index ``i * n + j``."""
+    choices = [{"index": i * n + c.index, "text": c.text, "logprobs": completion_logprobs(c, tokenizer),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_ids": c.token_ids}
+               for i, out in enumerate(outs) for c in out.outputs]
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices,
+            "usage": usage(sum(len(o.prompt_token_ids) for o in outs),
+                           sum(len(c.token_ids) for o in outs for c in o.outputs))}
 
 
 def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -147,6 +148,9 @@ class OpenAIServer:
             await write_json(writer, e.status, error_body(str(e), e.error_type, e.status, e.param))
             return
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if parsed.prompts is not None:
+            await self._run_batch(rid, parsed, writer)
+            return
         kind = "delta" if parsed.stream else "final"
         if chat:
             outputs = self.engine.chat(parsed.messages, parsed.params, rid, output_kind=kind)
@@ -176,6 +180,77 @@ class OpenAIServer:
                 await write_json(writer, 200, payload)
         finally:
             await outputs.aclose()  # no-op when finished; aborts the request otherwise
+
+    async def _run_batch(self, rid: str, parsed: ParsedRequest, writer: asyncio.StreamWriter) -> None:
+        """``/v1/completions`` with a list of prompts: one engine request per prompt, all at once."""
+        kind = "delta" if parsed.stream else "final"
+        gens = [self.engine.generate(p, parsed.params, f"{rid}-{i}", output_kind=kind)
+                for i, p in enumerate(parsed.prompts)]
+        try:
+            # As for one prompt: every prompt is validated (first output) before the status code.
+            firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+            for first in firsts:
+                if isinstance(first, EngineDeadError):
+                    await write_json(writer, 503, error_body(f"engine is dead: {first}", "server_error", 503))
+                    return
+                if isinstance(first, ValueError):
+                    await write_json(writer, 400, error_body(str(first)))
+                    return
+                if isinstance(first, BaseException):
+                    raise first
+            if parsed.stream:
+                await self._stream_batch(rid, parsed, firsts, gens, writer)
+            else:
+                finals = await asyncio.gather(*(_last_output(f, g) for f, g in zip(firsts, gens)))
+                await write_json(writer, 200, protocol.completion_batch_response(
+                    rid, self.served_model_name, finals, self.engine.tokenizer, parsed.params.n))
+        finally:
+            for g in gens:
+                await g.aclose()  # no-op when finished; aborts the request otherwise
+
+    async def _stream_batch(self, rid: str, parsed: ParsedRequest, firsts: list[RequestOutput],
+                            gens: list[AsyncIterator[RequestOutput]], writer: asyncio.StreamWriter) -> None:
+        """Interleave the prompts' delta streams as they come; choice index ``i * n + j``."""
+        model, created, tok, n = self.served_model_name, int(time.time()), self.engine.tokenizer, parsed.params.n
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, out: RequestOutput | None, gen: AsyncIterator[RequestOutput]) -> None:
+            try:
+                while out is not None:
+                    await queue.put((i, out))
+                    out = None if out.finished else await anext(gen, None)
+                await queue.put((i, None))
+            except (ValueError, EngineDeadError) as e:
+                await queue.put((i, e))
+
+        await start_event_stream(writer)
+        pumps = [asyncio.ensure_future(pump(i, f, g)) for i, (f, g) in enumerate(zip(firsts, gens))]
+        remaining, num_completion_tokens, failed = len(pumps), 0, None
+        try:
+            while remaining and failed is None:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    failed = item
+                else:
+                    num_completion_tokens += sum(len(c.token_ids) for c in item.outputs)
+                    for c in item.outputs:
+                        c = dataclasses.replace(c, index=i * n + c.index)
+                        for chunk in _delta_chunks(rid, model, created, c, tok, False, False):
+                            await write_event(writer, chunk)
+        finally:
+            for t in pumps:
+                t.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        if failed is not None:
+            await write_event(writer, error_body(str(failed), "server_error" if isinstance(
+                failed, EngineDeadError) else "invalid_request_error", 500))
+        elif parsed.include_usage:
+            await write_event(writer, protocol.usage_chunk(
+                rid, "text_completion", model, created,
+                sum(len(f.prompt_token_ids) for f in firsts), num_completion_tokens))
+        await write_event(writer, "[DONE]")
 
     async def _stream(self, rid: str, chat: bool, parsed: ParsedRequest, first: RequestOutput,
                       rest: AsyncIterator[RequestOutput], writer: asyncio.StreamWriter) -> None:
@@ -208,6 +283,13 @@ class OpenAIServer:
                     rid, "chat.completion.chunk" if chat else "text_completion", model, created,
                     len(first.prompt_token_ids), num_completion_tokens))
         await write_event(writer, "[DONE]")
+
+
+async def _last_output(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
+    out = first
+    async for out in rest:
+        pass
+    return out
 
 
 def _delta_chunks(rid: str, model: str, created: int, c: CompletionOutput, tok: Any, chat: bool,
