@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weight_names(self) -> set[str]:
         names = set()
-        for name, param in self.named_parameters():
+        for name, _ in self.named_parameters():
             if ".qkv_proj." in name:
                 names.update(f"{name}#{i}" for i in range(3))
             elif ".gate_up_proj." in name:
