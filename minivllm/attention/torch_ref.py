@@ -83,10 +83,14 @@ class TorchReferenceBackend(AttentionBackend):
         qsl = meta.query_start_loc.long()
         q_lens = qsl[1:] - qsl[:-1]
         n = meta.num_actual_tokens
-        token_req = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens, output_size=n)
-        token_idx = torch.arange(n, device=dev) - qsl[token_req]
-        q_pad = q.new_zeros((num_seqs, max_q, num_heads, head_dim), dtype=torch.float32)
-        q_pad[token_req, token_idx] = q[:n].float()
+        pure_decode = max_q == 1 and n == num_seqs  # token i is request i: no scatter needed
+        if pure_decode:
+            q_pad = q[:n].float().view(num_seqs, 1, num_heads, head_dim)
+        else:
+            token_req = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_lens, output_size=n)
+            token_idx = torch.arange(n, device=dev) - qsl[token_req]
+            q_pad = q.new_zeros((num_seqs, max_q, num_heads, head_dim), dtype=torch.float32)
+            q_pad[token_req, token_idx] = q[:n].float()
 
         # [B, Hkv, G*Qmax, D] @ [B, Hkv, D, L]: each KV head serves its group of query heads.
         q_grp = q_pad.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -101,5 +105,6 @@ class TorchReferenceBackend(AttentionBackend):
         out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
         out = out.reshape(num_seqs, max_q, num_heads, head_dim)
         result = torch.zeros_like(q)
-        result[:n] = out[token_req, token_idx].to(q.dtype)
+        result[:n] = (out.view(num_seqs, num_heads, head_dim) if pure_decode
+                      else out[token_req, token_idx]).to(q.dtype)
         return result
