@@ -48,15 +48,19 @@ def _norm(size: int, dtype: torch.dtype, device: torch.device, generator: torch.
     return norm
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, atol_scale: float = 1.0) -> None:
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, **TOL[ref.dtype])
+    tol = TOL[ref.dtype]
+    torch.testing.assert_close(out, ref, rtol=tol["rtol"], atol=tol["atol"] * atol_scale)
     # Bit-identity is a CPU (interpreter) property: on CUDA, torch's own elementwise kernels
     # use other exp/rsqrt approximations, so only the tolerance applies there.
     if ref.dtype != torch.float32 and not ref.is_cuda:
-        exact = (out == ref).float().mean().item()
-        assert exact >= MIN_EXACT_FRACTION, f"only {exact:.2%} bit-identical to torch"
+        # At most 1 % of elements may differ, plus a few for small tensors: with 64 elements a
+        # single rounding flip is already 1.6 %, and random inputs would make that flaky.
+        mismatches = int((out != ref).sum().item())
+        allowed = int((1 - MIN_EXACT_FRACTION) * ref.numel()) + 4
+        assert mismatches <= allowed, f"{mismatches} of {ref.numel()} elements differ from torch"
 
 
 def _split_qkv(generator, num_tokens, num_heads, num_kv_heads, head_dim, dtype, device):
@@ -128,8 +132,12 @@ def test_rotary_matches_torch(dtype, num_tokens, head_dim, num_heads, num_kv_hea
     q_out, k_out = rotary(positions, q, k, *norms, use_triton=True)
     q_ref, k_ref = rotary(positions, q, k, *norms, use_triton=False)
 
-    _assert_close(q_out, q_ref)
-    _assert_close(k_out, k_ref)
+    # With the q/k norm fused in, a norm output that rounds to the neighbouring 16-bit value
+    # (sum order, rsqrt) moves the rotated result by up to one ulp of the *input's* magnitude
+    # (|x| ~ 3 here), which a near-zero output cannot absorb in rtol: allow a few such ulps.
+    scale = 4.0 if with_qk_norm and dtype != torch.float32 else 1.0
+    _assert_close(q_out, q_ref, scale)
+    _assert_close(k_out, k_ref, scale)
     assert torch.equal(qkv, qkv_before)  # out of place: v and the inputs untouched
 
 
