@@ -13,9 +13,12 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]] | None = None
     new_sampled_logprobs: list[float] | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Set with finish_reason "error": the step that ran this request failed in a way that
+    # concerns only the requests in it; the engine goes on.
+    error: str | None = None
 
 
 @dataclass
