@@ -143,9 +143,8 @@ class Scheduler:
             out.num_scheduled_tokens.append(n)
             out.num_computed_tokens.append(start)
             known_end = min(start + n, req.num_known_tokens)
-            if n == 1 and known_end > start:  # the common decode case
-                token_ids.append(req.output_token_ids[-1] if req.output_token_ids
-                                 else req.prompt_token_ids[-1])
+            if known_end == start + 1 == req.num_known_tokens and req.output_token_ids:
+                token_ids.append(req.output_token_ids[-1])  # the common decode case
             else:
                 token_ids.extend(req.token_slice(start, known_end))
             if start + n > known_end:

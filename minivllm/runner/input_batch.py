@@ -113,7 +113,6 @@ class InputBatch:
         sampling_idx = np.asarray(step.sampling_rows, dtype=np.int64)
         logits_indices = query_start_loc[1:][sampling_idx].astype(np.int64) - 1
         sample_rows = rows[sampling_idx]
-        width = int(self.num_blocks[rows].max())
 
         fix_pos = np.nonzero(input_ids == TOKEN_FROM_DEVICE)[0]
         fix_src = np.empty(0, dtype=np.int64)
@@ -144,7 +143,9 @@ class InputBatch:
             slot_mapping=slot_mapping_d,
             query_start_loc=qsl_d,
             seq_lens=seq_lens_d,
-            block_tables=self.block_table_dev[:, :max(width, 1)].index_select(0, rows_d),
+            # Full width, whatever the step's longest row: a fixed row stride keeps the attention
+            # kernels on one compiled variant (Triton specialises on integer arguments).
+            block_tables=self.block_table_dev.index_select(0, rows_d),
             max_query_len=int(num_tokens.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=torch.from_numpy(query_start_loc),

@@ -8,7 +8,7 @@ from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.selector import get_attention_backend
 from minivllm.config import ModelArchConfig
 from minivllm.engine.scheduler_output import SchedulerOutput
-from minivllm.layers.sampler import Sampler
+from minivllm.layers.sampler import Sampler, SamplingMetadata
 from minivllm.models.loader import load_model
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import InputBatch, PreviousSample
@@ -114,6 +114,41 @@ class ModelRunner:
             self.model.compute_logits(hidden[-1:]).argmax(dim=-1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warm_up_sampler(self, max_num_seqs: int) -> None:
+        """Run every sampler path once (greedy, temperature with top-k/top-p/min-p, penalties,
+        bans, logprobs) at a small and the largest batch, on random logits: their kernels load
+        at start-up rather than inside the first request that needs them. CUDA only."""
+        if self.device.type != "cuda":
+            return
+        dev, vocab = self.device, self.arch.vocab_size
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(0)
+        for batch in sorted({1, max_num_seqs}):
+            logits = torch.randn(batch, vocab, device=dev, generator=gen)
+
+            def col(value: float, dtype=torch.float32) -> torch.Tensor:
+                return torch.full((batch,), value, dtype=dtype, device=dev)
+
+            variants = [
+                SamplingMetadata(None, None, None, None, True, False, False, False,
+                                 [None] * batch, -1),
+                SamplingMetadata(col(0.7), col(0, torch.int64), col(1.0), col(0.0), False, False,
+                                 False, False, [None] * batch, -1),
+                SamplingMetadata(col(0.7), col(20, torch.int64), col(0.9), col(0.05), False, True,
+                                 True, True, [gen] + [None] * (batch - 1), 5),
+            ]
+            penalised = variants[0]
+            penalised.repetition_penalty, penalised.presence_penalty = col(1.1), col(0.1)
+            penalised.frequency_penalty = col(0.1)
+            penalised.prompt_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+            penalised.output_counts = torch.zeros(batch, vocab, device=dev)
+            penalised.banned_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+            for md in variants:
+                out = self.sampler(logits, md)
+                out.sampled_token_ids.to("cpu", non_blocking=True)
+        torch.cuda.synchronize(dev)
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_ALIGN = 8  # bytes: every array starts aligned for int64/float64 views
+# Every array starts 64-byte aligned: Triton specialises kernels on 16-byte pointer alignment,
+# so an array that were aligned only sometimes would compile a second kernel variant mid-run.
+_ALIGN = 64
 
 
 class StagingBuffer:

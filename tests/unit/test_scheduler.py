@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,8 +19,16 @@ import pytest
 from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.request import Request, RequestStatus
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
+from minivllm.engine.scheduler import Scheduler
+from minivllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from minivllm.sampling_params import SamplingParams
+
+class ScheduledStep(NamedTuple):
+    """One step as the tests read it: the live requests scheduled and their token counts."""
+
+    requests: list[Request]
+    num_scheduled_tokens: list[int]
+
 
 STEP_CAP = 5000  # far above what any test needs; reaching it means livelock
 
@@ -55,32 +64,42 @@ class Harness:
         pos = np.arange(start, end)
         return np.asarray(req.block_ids, dtype=np.int64)[pos // bs], pos % bs
 
-    def step(self) -> tuple[SchedulerOutput, list[Request]]:
+    def step(self) -> tuple[ScheduledStep, list[Request]]:
         self.num_steps += 1
         was_running = {r.request_id for r in self.sched.running}
-        out = self.sched.schedule()
-        self.check_schedule(out)
-        for req in out.requests:
+        starts = {r.request_id: r.num_computed_tokens for r in self.sched.running}
+        plain = self.sched.schedule()
+        out = ScheduledStep([self.requests[rid] for rid in plain.req_ids], plain.num_scheduled_tokens)
+        self.check_schedule(out, plain)
+        for req, c in zip(out.requests, plain.num_computed_tokens):
             if req.request_id not in was_running:
                 self.admission_order.append(req.request_id)
-                self.admission_hit_tokens += req.num_computed_tokens
+                self.admission_hit_tokens += c
+            else:
+                assert c == starts[req.request_id]
+        # The plain data says exactly which tokens to feed (all known: no overlap here).
+        flat = [t for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens)
+                for t in req.all_token_ids[c:c + n]]
+        assert plain.token_ids == flat
         # Runner: write the new tokens' K/V ...
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            c = req.num_computed_tokens
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
             blocks, offsets = self.slots(req, c, c + n)
             self.cache[blocks, offsets] = req.all_token_ids[c:c + n]
         # ... then attention reads the whole context of every scheduled request.
         next_tokens = {}
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            end = req.num_computed_tokens + n
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
+            end = c + n
             blocks, offsets = self.slots(req, 0, end)
             seen = self.cache[blocks, offsets]
             assert seen.tolist() == req.all_token_ids[:end], f"{req.request_id} read wrong K/V"
             next_tokens[req.request_id] = 1 + zlib.crc32(seen.tobytes()) % 997
-        sampled = self.sched.update_after_step(out)
-        for req in sampled:
-            assert req.num_computed_tokens == req.num_tokens
-            req.output_token_ids.append(next_tokens[req.request_id])
+        ids = [plain.req_ids[i] for i in plain.sampling_rows]
+        result = ModelRunnerOutput(ids, [next_tokens[r] for r in ids], [None] * len(ids),
+                                   [None] * len(ids))
+        sampled = []
+        for req, _ in self.sched.update_from_output(plain, result):
+            assert req.num_computed_tokens == req.num_tokens - 1  # the new token is not computed yet
+            sampled.append(req)
             if (req.num_output_tokens >= req.params.max_tokens
                     or req.num_tokens >= self.config.max_model_len):
                 self.sched.finish(req, "length")
@@ -94,16 +113,16 @@ class Harness:
             self.step()
 
     # ---- invariants ----------------------------------------------------------------------
-    def check_schedule(self, out: SchedulerOutput) -> None:
+    def check_schedule(self, out: ScheduledStep, plain: SchedulerOutput) -> None:
         assert len(out.requests) == len(out.num_scheduled_tokens)
         assert len({id(r) for r in out.requests}) == len(out.requests), "request scheduled twice"
-        assert out.total_tokens <= self.config.max_num_batched_tokens
+        assert plain.total_tokens <= self.config.max_num_batched_tokens
         assert len(self.sched.running) <= self.config.max_num_seqs
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
             assert n >= 1
             assert req.status == RequestStatus.RUNNING and req in self.sched.running
-            assert req.num_computed_tokens + n <= req.num_tokens
-            assert len(req.block_ids) >= self.kv.blocks_needed(req.num_computed_tokens + n)
+            assert c + n == req.num_computed_tokens <= req.num_tokens
+            assert len(req.block_ids) >= self.kv.blocks_needed(c + n)
 
     def check_block_accounting(self) -> None:
         holders = [0] * self.kv.num_blocks
