@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from minivllm.attention.metadata import AttentionMetadata
@@ -53,6 +55,10 @@ class ModelRunner:
         per_block = self.kv_bytes_per_block(block_size)
         if self.device.type != "cuda":
             return max(CPU_KV_CACHE_BYTES // per_block, 1)
+        # Memory a previous engine in this process left behind (its tensors unreachable but not
+        # yet collected, or cached by the allocator) would otherwise count as taken.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         a = self.arch
         elem = torch.tensor([], dtype=self.dtype).element_size()
