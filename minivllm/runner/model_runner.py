@@ -87,7 +87,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture pure-decode CUDA graphs (needs the KV cache allocated). Only the Triton
         backend is capturable: the torch reference sizes its work from host values."""
-        if self.device.type != "cuda" or self.backend.name != "triton":
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             return
         self.decode_graphs = DecodeGraphRunner(
             self.model, self.kv_caches, capture_sizes(max_num_seqs),
@@ -100,7 +100,7 @@ class ModelRunner:
         tile shrinks for short queries) and once at the full token budget, so Triton compiles
         before the first request instead of during it. Writes nothing to the KV cache: every
         slot is ``-1``. Only on CUDA with the Triton backend, unless ``force`` (tests)."""
-        if not force and (self.device.type != "cuda" or self.backend.name != "triton"):
+        if not force and (self.device.type != "cuda" or not self.backend.compiles_per_shape):
             return
         longest = min(max_num_batched_tokens, max_model_len - 1)
         lengths = sorted({min(2 ** i, longest) for i in range(1, 9)} | {longest})
