@@ -120,10 +120,13 @@ class SamplingRows:
             self.penalty.fill(md, rows_dev)
         under_min = np.nonzero(self.num_output[rows] < self.min_tokens[rows])[0]
         if len(under_min):
-            mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool)
-            for i in under_min.tolist():
-                mask[i, self.banned_ids[rows[i]]] = True
-            md.banned_mask = mask.to(self.device, non_blocking=True)
+            # Only the (row, token) pairs cross to the device; the mask is built there.
+            pairs = [(i, t) for i in under_min.tolist() for t in self.banned_ids[rows[i]]]
+            mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+            if pairs:
+                idx = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
+                mask[idx[:, 0], idx[:, 1]] = True
+            md.banned_mask = mask
         return md
 
     def record_sampled(self, rows: np.ndarray, rows_dev: torch.Tensor,
