@@ -59,7 +59,7 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, PRECISION: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,36 +124,38 @@ def _paged_decode_kernel(
             counter = counters_ptr + seq * NUM_KV_HEADS + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == NUM_SPLITS - 1:
-                _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, dims,
-                             stride_o_tok, stride_o_head, NUM_HEADS, GROUP, HEAD_DIM, DIM_PAD,
-                             NUM_SPLITS, SPLITS_PAD)
+                _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, heads, groups,
+                             dims, q_mask, stride_o_tok, stride_o_head, NUM_HEADS, GROUP,
+                             DIM_PAD, NUM_SPLITS)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, dims,
+def _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, heads, groups, dims, q_mask,
                  stride_o_tok, stride_o_head, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 SPLITS_PAD: tl.constexpr):
-    """Merge the splits of each query head of one KV head's group and write its output row:
-    one ``[splits, head_dim]`` tile per head, loaded at once. Loads bypass L1, since other
-    programs wrote the partials."""
-    splits = tl.arange(0, SPLITS_PAD)
-    for g in tl.static_range(GROUP):
-        head = kv_head * GROUP + g
-        part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + splits
-        lse = tl.load(part_lse_ptr + part, mask=splits < NUM_SPLITS, other=float("-inf"),
+                 DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Merge the splits' partials of one KV head's query group, one split at a time (online
+    log-sum-exp), and write the output rows. Loads bypass L1: other programs wrote them."""
+    base = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS
+    m = tl.full(heads.shape, float("-inf"), tl.float32)
+    total = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros(q_mask.shape, tl.float32)
+    for split in range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + base + split, mask=groups < GROUP, other=float("-inf"),
                       cache_modifier=".cg")
-        lse_max = tl.max(lse, axis=0)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-        weight = tl.math.exp2(lse - lse_max)
-        used = (lse > float("-inf"))[:, None] & (dims[None, :] < HEAD_DIM)
-        part_out = tl.load(part_out_ptr + part[:, None] * DIM_PAD + dims[None, :], mask=used,
-                           other=0.0, cache_modifier=".cg")
-        total = tl.sum(weight, axis=0)
-        out = tl.sum(part_out * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-        tl.store(out_ptr + q_row.to(tl.int64) * stride_o_tok + head * stride_o_head + dims,
-                 out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+        used = lse > float("-inf")  # a split without keys wrote no partial output
+        part = tl.load(part_out_ptr + (base + split)[:, None] * DIM_PAD + dims[None, :],
+                       mask=q_mask & used[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale_old = tl.math.exp2(m - m_safe)
+        weight = tl.where(used, tl.math.exp2(lse - m_safe), 0.0)
+        total = total * scale_old + weight
+        acc = acc * scale_old[:, None] + part * weight[:, None]
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(out_ptr + q_row.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
+             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -245,8 +247,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
-        FUSED_MERGE=fused,
+        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, FUSED_MERGE=fused,
         PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
