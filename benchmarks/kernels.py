@@ -268,12 +268,10 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
         out = torch.empty_like(q)
         kv_bytes = 2 * batch * ctx * hkv * dim * k_pool.element_size()
         row = dict(batch=batch, ctx=ctx, block_size=bs, kv_mb=kv_bytes / 1e6)
-        # The merge inside the decode launch (arrival counters), as the engine runs it.
-        counters = torch.zeros(batch * hkv, dtype=torch.int32, device=device)
         for cfg in configs:
             def run(cfg=cfg):
                 paged_decode_attention(q, k_pool, v_pool, out, seq_lens, qsl, tables, ctx, scale,
-                                       config=cfg, counters=counters)
+                                       config=cfg)
             key = "triton" if len(configs) == 1 else cfg_name(cfg)
             try:
                 ms = time_ms(run, smoke)

@@ -19,28 +19,12 @@ class TritonAttentionBackend(AttentionBackend):
     step with a longer query takes the varlen kernel, which handles decode rows, prefill and
     extend chunks (cached prefix read through the block table) together.
 
-    The object holds no per-step state, so one instance serves every layer and step. It owns
-    the decode kernel's arrival counters (zero between launches), with which the split-KV
-    merge happens inside the decode launch instead of a second kernel.
+    The object holds no per-step state, so one instance serves every layer and step.
     """
 
     name = "triton"
     supports_cuda_graphs = True
     compiles_per_shape = True
-
-    def __init__(self) -> None:
-        self._counters: dict[torch.device, torch.Tensor] = {}
-        # Outgrown buffers stay alive: a captured CUDA graph may still point at one.
-        self._retired: list[torch.Tensor] = []
-
-    def _decode_counters(self, n: int, device: torch.device) -> torch.Tensor:
-        buf = self._counters.get(device)
-        if buf is None or buf.numel() < n:
-            if buf is not None:
-                self._retired.append(buf)
-            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-            self._counters[device] = buf
-        return buf
 
     def forward(
         self,
@@ -56,9 +40,8 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.max_query_len <= 1:
-            counters = self._decode_counters(meta.seq_lens.shape[0] * k_cache.shape[2], q.device)
             paged_decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.query_start_loc,
-                                   meta.block_tables, meta.max_seq_len, scale, counters=counters)
+                                   meta.block_tables, meta.max_seq_len, scale)
         else:
             paged_prefill_attention(q, k_cache, v_cache, out, meta.seq_lens,
                                     meta.query_start_loc, meta.block_tables,

@@ -3,10 +3,8 @@
 Grid ``(num_seqs, num_kv_heads, num_splits)``. Each program owns one KV head of one sequence and
 one contiguous slice of its context; it loads each KV tile once and scores it against all the
 query heads of that KV head's group (GQA packing: the group is the M dimension of the dot).
-Partial results (normalised output + log2-sum-exp) go to a float32 scratch. Given a ``counters``
-buffer, the last split program of each (sequence, KV head) to finish merges them in the same
-launch (an arrival counter, reset by that program); without one, a second tiny kernel does.
-With one split the kernel writes the output directly.
+Partial results (normalised output + log2-sum-exp) go to a float32 scratch and a second, tiny
+kernel merges the splits. With one split the first kernel writes the output directly.
 
 Every launch size depends only on ``num_seqs`` (the padded batch), the head counts and the
 static ``max_seq_len`` cap: no ``.item()``, no host sync, so the step can be graph-captured.
@@ -52,14 +50,13 @@ DEFAULT_DECODE_CONFIG = DecodeConfig()
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr, counters_ptr,
+    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr,
     scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -117,45 +114,6 @@ def _paged_decode_kernel(
                        float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=groups < GROUP)
         tl.store(part_out_ptr + part[:, None] * DIM_PAD + dims[None, :], out, mask=q_mask)
-        if FUSED_MERGE:
-            # Every thread's partial stores are done (barrier) and published (the release of
-            # the atomic) before the arrival is counted; the last arrival acquires them all.
-            tl.debug_barrier()
-            counter = counters_ptr + seq * NUM_KV_HEADS + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == NUM_SPLITS - 1:
-                _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, heads, groups,
-                             dims, q_mask, stride_o_tok, stride_o_head, NUM_HEADS, GROUP,
-                             DIM_PAD, NUM_SPLITS)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-
-
-@triton.jit
-def _merge_group(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, heads, groups, dims, q_mask,
-                 stride_o_tok, stride_o_head, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                 DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Merge the splits' partials of one KV head's query group, one split at a time (online
-    log-sum-exp), and write the output rows. Loads bypass L1: other programs wrote them."""
-    base = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS
-    m = tl.full(heads.shape, float("-inf"), tl.float32)
-    total = tl.zeros(heads.shape, tl.float32)
-    acc = tl.zeros(q_mask.shape, tl.float32)
-    for split in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + base + split, mask=groups < GROUP, other=float("-inf"),
-                      cache_modifier=".cg")
-        used = lse > float("-inf")  # a split without keys wrote no partial output
-        part = tl.load(part_out_ptr + (base + split)[:, None] * DIM_PAD + dims[None, :],
-                       mask=q_mask & used[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale_old = tl.math.exp2(m - m_safe)
-        weight = tl.where(used, tl.math.exp2(lse - m_safe), 0.0)
-        total = total * scale_old + weight
-        acc = acc * scale_old[:, None] + part * weight[:, None]
-        m = m_new
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(out_ptr + q_row.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
-             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -203,7 +161,7 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
     max_seq_len: int, scale: float, num_splits: int | None = None,
-    config: DecodeConfig = DEFAULT_DECODE_CONFIG, counters: torch.Tensor | None = None,
+    config: DecodeConfig = DEFAULT_DECODE_CONFIG,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context; writes ``out``.
 
@@ -213,9 +171,6 @@ def paged_decode_attention(
         seq_lens: int32 ``[num_seqs]`` context lengths including the new token.
         max_seq_len: host upper bound on ``seq_lens`` (may be a static cap); sizes the splits.
         num_splits: override the heuristic (tests use it to force the merge path).
-        counters: int32, zero, at least ``num_seqs * num_kv_heads`` elements, kept by the caller
-            across calls (the kernel leaves it zero again): the splits are then merged inside
-            the one launch. ``None``: a second kernel merges them.
     """
     group = check_attention_inputs(q, k_cache, v_cache, out)
     num_seqs = seq_lens.shape[0]
@@ -235,23 +190,18 @@ def paged_decode_attention(
                                device=q.device)
     else:
         part_out = part_lse = out  # unused by the single-split variant
-    fused = num_splits > 1 and counters is not None
-    if fused and (counters.dtype != torch.int32 or counters.numel() < num_seqs * num_kv_heads):
-        raise ValueError("counters must be int32 with at least num_seqs * num_kv_heads elements")
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
-        seq_lens, query_start_loc, block_tables, counters if fused else seq_lens,
+        seq_lens, query_start_loc, block_tables,
         scale * LOG2_E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        GROUP_PAD=max(16, next_pow2(group)),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, FUSED_MERGE=fused,
-        PRECISION=dot_precision(q.dtype),
+        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if num_splits > 1 and not fused:
+    if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, query_start_loc, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,

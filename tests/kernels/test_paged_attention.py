@@ -38,33 +38,13 @@ def _check(out: torch.Tensor, ref: torch.Tensor, rows: slice, dtype: torch.dtype
     assert err < REL_TOL[dtype], f"relative error {err:.3g} >= {REL_TOL[dtype]:.0e}"
 
 
-def _run_decode(batch, num_splits, counters=None):
+def _run_decode(batch, num_splits):
     store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     out = torch.full_like(batch.q, float("nan"))  # poisoned: every real row must be written
     m = batch.meta
     return paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                   m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
-                                  num_splits=num_splits, counters=counters)
-
-
-@pytest.mark.parametrize("block_size,group,head_dim,dtype,num_splits",
-                         [(16, 1, 64, F32, 3), (16, 4, 128, F16, 3), (32, 2, 128, F32, 17)],
-                         ids=_case_id)
-def test_decode_merge_inside_the_kernel(block_size, group, head_dim, dtype, num_splits, device,
-                                        generator):
-    """The last split to arrive merges (arrival counters): same result as the merge kernel,
-    padded entries and empty splits included, and the counters are left at zero for reuse."""
-    bs = block_size
-    seqs = [(9 * bs + 3, 1), (0, 0), (1, 1), (bs + 1, 1), (4 * bs + 7, 1)]
-    batch = make_paged_batch(seqs, block_size=bs, num_kv_heads=2, group=group,
-                             head_dim=head_dim, dtype=dtype, device=device,
-                             num_padding_tokens=2, generator=generator)
-    ref, _, _ = reference_output(batch)
-    counters = torch.zeros(64, dtype=torch.int32, device=device)
-    for _ in range(2):  # a second launch finds the counters reset
-        out = _run_decode(batch, num_splits, counters)
-        _check(out, ref, slice(0, sum(q for _, q in seqs)), dtype)  # query rows, packed
-        assert not counters.any()
+                                  num_splits=num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
