@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 renamed all_gather_into_tensor (one flat output buffer) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class TensorParallelGroup:
     """One rank's view of a tensor-parallel group of processes.
@@ -50,9 +53,9 @@ class TensorParallelGroup:
         tensor = tensor.contiguous()
         # Gather along dim 0 into one buffer (a single collective, capturable), then move the
         # rank axis next to ``dim``.
-        out = tensor.new_empty((self.world_size, *tensor.shape))
-        dist.all_gather_into_tensor(out, tensor, group=self.group)
-        out = out.movedim(0, dim)  # [..., world, size_dim, ...]
+        out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_single(out, tensor, group=self.group)
+        out = out.view(self.world_size, *tensor.shape).movedim(0, dim)  # [..., world, size_dim, ...]
         shape = list(tensor.shape)
         shape[dim] *= self.world_size
         return out.reshape(shape)
