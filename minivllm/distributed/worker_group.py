@@ -123,6 +123,10 @@ class WorkerGroup:
         return self.context
 
     def _rendezvous(self):
+        deadline = time.monotonic() + self.startup_timeout_s
+        # Every worker first reports "hello" after its local set-up (imports, device, threads),
+        # so the common start-up failures surface here, before anyone blocks in a rendezvous.
+        self._await_workers("hello", deadline)
         # Rank 0 joins the process group on a helper thread, because joining blocks until every
         # rank arrives; this thread meanwhile watches the workers so a dead one fails fast.
         outcome: dict[str, Any] = {}
@@ -138,7 +142,6 @@ class WorkerGroup:
         joiner = threading.Thread(target=join, name="minivllm-tp-rendezvous", daemon=True)
         joiner.start()
         ready: set[int] = set()
-        deadline = time.monotonic() + self.startup_timeout_s
         while joiner.is_alive() or len(ready) < self.world_size - 1:
             msg = self._recv(POLL_INTERVAL_MS)
             if msg is not None:
@@ -157,6 +160,21 @@ class WorkerGroup:
             raise self._fail(0, f"rank 0 could not join the process group: {outcome['error']!r}")
         self._owns_dist = True
         return outcome["group"]
+
+    def _await_workers(self, kind: str, deadline: float) -> None:
+        """Wait until every worker has sent a ``kind`` message; raise on error, exit or timeout."""
+        pending = set(range(1, self.world_size))
+        while pending:
+            msg = self._recv(POLL_INTERVAL_MS)
+            if msg is not None:
+                if msg[0] == "error":
+                    raise self._fail(msg[1], f"failed to start:\n{msg[2]}")
+                if msg[0] == kind:
+                    pending.discard(msg[1])
+                continue
+            self._check_processes(pending, stage="starting")
+            if time.monotonic() > deadline:
+                raise self._fail(min(pending), f"did not start within {self.startup_timeout_s:.0f} s")
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop every worker (ask, wait ``timeout_s``, then kill) and leave the process group.

@@ -3,7 +3,7 @@
 Control messages come from rank 0 over ZMQ (DEALER here, ROUTER there), pickled:
 
   rank 0 → worker:  ("run", seq, fn, args, kwargs)  |  ("shutdown",)
-  worker → rank 0:  ("hello", rank, pid) | ("ready", rank, None)
+  worker → rank 0:  ("hello", rank, pid) | ("ready", rank, None)   (start-up)
                     | ("ok", rank, (seq, result)) | ("error", rank, traceback text)
 
 Tensors never travel here: they go through torch.distributed collectives inside ``fn``.
@@ -75,8 +75,6 @@ def worker_main(spec: WorkerSpec) -> None:
 
     from minivllm.distributed.init import destroy_distributed, init_distributed
 
-    if spec.num_threads is not None:
-        torch.set_num_threads(spec.num_threads)
     zctx = zmq.Context()
     sock = zctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, str(spec.rank).encode())
@@ -88,14 +86,18 @@ def worker_main(spec: WorkerSpec) -> None:
 
     exit_code = 0
     try:
+        # Local set-up that can fail comes before "hello": rank 0 only starts joining the
+        # process group (which blocks) once every worker got this far.
+        if spec.num_threads is not None:
+            torch.set_num_threads(spec.num_threads)
+        device = worker_device(spec.device_type, spec.rank)
         send("hello", os.getpid())
         store = dist.TCPStore(spec.store_host, spec.store_port, spec.world_size, is_master=False,
                               timeout=_timedelta(spec.timeout_s))
         tp_group = init_distributed(spec.rank, spec.world_size, spec.backend,
                                     device_type=spec.device_type, timeout_s=spec.timeout_s,
                                     store=store)
-        ctx = WorkerContext(spec.rank, spec.world_size, tp_group,
-                            worker_device(spec.device_type, spec.rank))
+        ctx = WorkerContext(spec.rank, spec.world_size, tp_group, device)
         send("ready", None)
         exit_code = _serve(sock, ctx, send)
     except BaseException:  # noqa: BLE001 - everything goes back to rank 0
