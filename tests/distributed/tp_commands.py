@@ -193,3 +193,58 @@ def collectives(ctx) -> tuple[float, list, float]:
     g = ctx.tp_group.all_gather(torch.full((2, 1), float(ctx.rank)), dim=-1).tolist()
     b = ctx.tp_group.broadcast(torch.tensor([10.0 * ctx.rank + 5])).item()
     return s, g, b
+
+
+# ---- NCCL + CUDA graphs (GPU only) -----------------------------------------------------------
+def decode_graph_vs_eager(ctx, model_dir: str) -> tuple[float, float]:
+    """Max |graph - eager| and |TP - TP=1| of a decode step's logits on this rank (bf16, Triton).
+
+    Prefills STEPS[0] eagerly, then captures the decode forward of STEPS[2] (its all-reduces
+    included) in a CUDA graph and replays it over the KV cache that prefill filled.
+    """
+    from minivllm.attention.selector import get_attention_backend
+
+    dev = ctx.device
+    arch = ModelArchConfig.from_dir(Path(model_dir))
+    backend = get_attention_backend("triton", dev, arch.head_dim)
+
+    def build(tp_group):
+        return load_model(arch, Path(model_dir), backend, dev, torch.bfloat16, "safetensors", 0,
+                          256, tp_group=tp_group)
+
+    def moved(ids, pos, meta):
+        fields = {k: (v.to(dev) if isinstance(v, torch.Tensor) and not k.endswith("_cpu") else v)
+                  for k, v in vars(meta).items()}
+        return ids.to(dev), pos.to(dev), AttentionMetadata(**fields)
+
+    def run(model, capture: bool):
+        shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_local_kv_heads, arch.head_dim)
+        kv = [(torch.zeros(shape, dtype=torch.bfloat16, device=dev),
+               torch.zeros(shape, dtype=torch.bfloat16, device=dev)) for _ in range(arch.num_hidden_layers)]
+        with torch.inference_mode():
+            model(*moved(*step_metadata(STEPS[0])), kv)  # prefill (eager)
+            # STEPS[2] is a decode step of both sequences once STEPS[1] ran: run STEPS[1] too.
+            model(*moved(*step_metadata(STEPS[1])), kv)
+            ids, pos, meta = moved(*step_metadata(STEPS[2]))
+            if not capture:
+                return model.compute_logits(model(ids, pos, kv, meta))
+            snapshot = [(k.clone(), v.clone()) for k, v in kv]
+            model(ids, pos, kv, meta)  # warm-up: compiles kernels, creates NCCL communicators
+            for (k, v), (k0, v0) in zip(kv, snapshot):
+                k.copy_(k0)
+                v.copy_(v0)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                hidden = model(ids, pos, kv, meta)
+            for (k, v), (k0, v0) in zip(kv, snapshot):
+                k.copy_(k0)
+                v.copy_(v0)
+            graph.replay()
+            torch.cuda.synchronize()
+            return model.compute_logits(hidden)
+
+    model = build(ctx.tp_group)
+    eager, graphed = run(model, False), run(model, True)
+    full = run(build(None), False)
+    return (eager - graphed).abs().max().item(), (eager - full).abs().max().item()
