@@ -21,6 +21,7 @@ is then unusable: ``shutdown()`` is the only thing left to do.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import pickle
 import threading
@@ -97,7 +98,7 @@ class WorkerGroup:
         import zmq
 
         self._store = dist.TCPStore(self.host, 0, self.world_size, is_master=True,
-                                    timeout=_timedelta(self.startup_timeout_s),
+                                    timeout=datetime.timedelta(seconds=self.startup_timeout_s),
                                     wait_for_workers=False)
         self._zctx = zmq.Context()
         self._sock = self._zctx.socket(zmq.ROUTER)
@@ -304,9 +305,3 @@ class WorkerGroup:
         if self._failure is None:
             self._failure = WorkerError(rank, message)
         return self._failure
-
-
-def _timedelta(seconds: float):
-    import datetime
-
-    return datetime.timedelta(seconds=seconds)

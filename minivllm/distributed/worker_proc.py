@@ -13,6 +13,7 @@ error and exits; its closed connections then also unblock rank 0 if it waits in 
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import pickle
@@ -93,7 +94,7 @@ def worker_main(spec: WorkerSpec) -> None:
         device = worker_device(spec.device_type, spec.rank)
         send("hello", os.getpid())
         store = dist.TCPStore(spec.store_host, spec.store_port, spec.world_size, is_master=False,
-                              timeout=_timedelta(spec.timeout_s))
+                              timeout=datetime.timedelta(seconds=spec.timeout_s))
         tp_group = init_distributed(spec.rank, spec.world_size, spec.backend,
                                     device_type=spec.device_type, timeout_s=spec.timeout_s,
                                     store=store)
@@ -125,9 +126,3 @@ def _serve(sock, ctx: WorkerContext, send) -> int:
         _, seq, fn, args, kwargs = msg
         result = fn(ctx, *args, **kwargs)
         send("ok", (seq, result))
-
-
-def _timedelta(seconds: float):
-    import datetime
-
-    return datetime.timedelta(seconds=seconds)
