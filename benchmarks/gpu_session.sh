@@ -4,9 +4,10 @@
 #   Here (once per session):  ../shared/device/wheels.sh pyzmq==27.1.0     # the image lacks pyzmq
 #   On the device (run tool, carry [".whl"]):  bash benchmarks/gpu_session.sh [quick|full]
 #
-# quick (default): GPU tests (engine vs HF fp32, Triton vs torch, graphs vs eager, AsyncLLM) and
-# the fused-layer / attention kernel tests in bf16, then the engine latency and throughput benches.
-# full: also benchmarks/kernels.py (attention kernels vs copy bandwidth and SDPA; ~3 more minutes).
+# quick (default): GPU tests (engine vs HF fp32, Triton vs torch, graphs vs eager, overlap vs
+# sync, no Triton JIT after start-up, AsyncLLM), then W1 (benchmarks/w1.py) and W2 (w2.py).
+# full: also the kernel tests in bf16 and benchmarks/kernels.py (~3 more minutes).
+# Set MINIVLLM_GIT_COMMIT=<sha> (the tree travels without .git) for the result files.
 # Full logs and JSON land in $OUT (or ./gpu-out when $OUT is unset).
 set -uo pipefail
 mode=${1:-quick}
@@ -28,11 +29,13 @@ run() {  # run NAME CMD...: log to $out/NAME.log, remember pass/fail and the las
   local rc=$?
   summary+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED ($rc)") | $((SECONDS - start)) s | $(tail -n 1 "$out/$name.log" | cut -c1-120) |")
 }
-run gpu-tests python3 -m pytest -q -s tests/gpu tests/kernels
-run latency python3 benchmarks/latency.py --out "$out"
-run throughput python3 benchmarks/throughput.py --num-prompts 256 --input-len 256 --output-len 128 --hf-batch 64 --out "$out"
+run gpu-tests python3 -m pytest -q -s tests/gpu
+export MINIVLLM_GIT_COMMIT=${MINIVLLM_GIT_COMMIT:-unknown}
+run w1 python3 benchmarks/throughput.py --workload w1 --out "$out"
+run w2 python3 benchmarks/latency.py --workload w2 --out "$out"
 if [ "$mode" = full ]; then
+  run kernel-tests python3 -m pytest -q -s tests/kernels
   run kernels python3 benchmarks/kernels.py --out "$out"
 fi
-grep -hE "identical|logprob - HF" "$out/gpu-tests.log" || true
+grep -hE "identical|logprob - HF|compilations" "$out/gpu-tests.log" || true
 printf '%s\n' "| step | status | time | last line |" "|---|---|---|---|" "${summary[@]}"

@@ -25,7 +25,15 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workload", choices=["fixed", "w2"], default="fixed",
+                    help="w2: 128 in / 256 out on qwen3-0.6b and qwen3-4b, see benchmarks/w2.py")
+    ap.add_argument("--w2-models", default="qwen3-0.6b,qwen3-4b")
     args = ap.parse_args()
+    if args.workload == "w2":
+        from benchmarks.w2 import run_w2
+
+        run_w2(args)
+        return
 
     from minivllm import LLM, SamplingParams
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/throughput.py --model benchmarks/models/qwen3-0.6b \
         --num-prompts 256 --input-len 256 --output-len 128 --out results_dir
+    PYTHONPATH=. python benchmarks/throughput.py --workload w1 --out results_dir   # see w1.py
 
 Random weights are drawn once by HF from ``config.json`` and saved; both engines load that
 directory, so they compute with identical weights. Prompts are random token ids of equal length
@@ -33,7 +34,16 @@ def main() -> None:
     ap.add_argument("--hf-prompts", type=int, default=None, help="HF runs on this many (default all)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workload", choices=["fixed", "w1"], default="fixed",
+                    help="fixed: --num-prompts x --input-len/--output-len greedy; w1: see benchmarks/w1.py")
     args = ap.parse_args()
+    if args.workload == "w1":
+        from benchmarks.w1 import run_w1
+
+        if args.hf_prompts is None:
+            args.hf_prompts = 16
+        run_w1(args)
+        return
 
     from minivllm import LLM, SamplingParams
 
@@ -59,7 +69,7 @@ def main() -> None:
     ours_s = time.perf_counter() - t
     assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
     ours_ids = [o.outputs[0].token_ids for o in outs]
-    backend = type(llm.engine.runner.backend).__name__
+    backend = type(llm.engine.executor.runner.backend).__name__
     del llm
     torch.cuda.empty_cache()
 

@@ -159,6 +159,8 @@ class EngineConfig:
     attention_backend: str
     tensor_parallel_size: int
     skip_tokenizer_init: bool
+    # Overlapped scheduling: prepare step N+1 while step N runs (resolved: on for CUDA).
+    async_scheduling: bool = False
 
 
 def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,

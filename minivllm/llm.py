@@ -30,11 +30,16 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
                         gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                         enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
                         attention_backend: str = "auto", tensor_parallel_size: int = 1,
-                        skip_tokenizer_init: bool = False) -> EngineConfig:
+                        skip_tokenizer_init: bool = False,
+                        async_scheduling: bool | None = None) -> EngineConfig:
     """Validate user arguments once and resolve them into a frozen ``EngineConfig``.
 
     The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
+    ``async_scheduling=None`` overlaps host scheduling with the device step on CUDA and not
+    elsewhere (on CPU the "device" is the host: nothing to overlap); ``True`` forces it.
     """
+    if async_scheduling is not None and not isinstance(async_scheduling, bool):
+        raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
     validate_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
                          gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
@@ -50,6 +55,8 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
                          f"max_position_embeddings {arch.max_position_embeddings}")
     dev = resolve_device(device)
+    if async_scheduling is None:
+        async_scheduling = dev.type == "cuda"
     if load_format == "auto":
         load_format = "safetensors"
     elif load_format == "gguf":
@@ -60,7 +67,8 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
         seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
-        tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init)
+        tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
+        async_scheduling=async_scheduling)
 
 
 class LLM:
@@ -77,7 +85,8 @@ class LLM:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0,
                  load_format: str = "auto", attention_backend: str = "auto",
-                 tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False) -> None:
+                 tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False,
+                 async_scheduling: bool | None = None) -> None:
         self.config = build_engine_config(
             model, dtype=dtype, device=device, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -85,7 +94,8 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
             load_format=load_format, attention_backend=attention_backend,
-            tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init)
+            tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
+            async_scheduling=async_scheduling)
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.eos_token_ids = frontend.eos_token_ids
@@ -165,6 +175,9 @@ class LLM:
         try:
             while self.engine.has_unfinished:
                 step = self.engine.step()
+                failed = [o.error for o in step.outputs if o.error is not None]
+                if failed:  # offline generation is all or nothing: clean up and say why
+                    raise RuntimeError(failed[0])
                 finished, to_abort = self.output_processor.process(step.outputs)
                 self.engine.abort_requests(to_abort, reason="stop")
                 bar.update(len(finished), step.num_prefill_tokens, step.num_decode_tokens)

@@ -18,6 +18,11 @@ class AttentionBackend(ABC):
     """
 
     name: str = "base"
+    # What the runner may rely on, declared by each backend instead of checked by name:
+    # a fixed launch shape for fixed tensor shapes (CUDA-graph capture) ...
+    supports_cuda_graphs: bool = False
+    # ... and kernels compiled per shape bucket at first use (worth warming up at start-up).
+    compiles_per_shape: bool = False
 
     @abstractmethod
     def forward(

@@ -23,6 +23,8 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    supports_cuda_graphs = True
+    compiles_per_shape = True
 
     def forward(
         self,

@@ -148,8 +148,9 @@ class BlockManager:
         req.num_registered_blocks = 0
 
     def cache_computed_blocks(self, req: Request) -> None:
-        """Register hashes for ``req``'s blocks that are now full of computed K/V."""
-        num_full = req.num_computed_tokens // self.block_size
+        """Register hashes for ``req``'s blocks that are now full of computed K/V (of known
+        tokens: a block holding an in-flight placeholder waits for its token)."""
+        num_full = min(req.num_computed_tokens, req.num_known_tokens) // self.block_size
         if not self.enable_prefix_caching or num_full <= req.num_registered_blocks:
             return  # nothing newly full (most decode steps)
         self._ensure_hashes(req, num_full * self.block_size)

@@ -1,36 +1,40 @@
-"""EngineCore: the schedule → run → update loop over a scheduler and a model runner."""
+"""EngineCore: the schedule → run → update loop over a scheduler and an executor.
+
+With overlapped ("async") scheduling the loop keeps one step in flight: it schedules and
+launches step N+1, and only then waits for step N's sampled tokens and applies them. The
+device never waits for the host's bookkeeping, and the host learns each token one step late;
+the scheduler's placeholders (see ``scheduler.py``) make that invisible to users.
+"""
 
 from __future__ import annotations
 
 import logging
+
+import torch
 
 from minivllm.config import CacheConfig, EngineConfig, SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.messages import EngineCoreOutput, EngineCoreOutputs
 from minivllm.engine.request import Request
 from minivllm.engine.scheduler import Scheduler
-from minivllm.runner.model_runner import ModelRunner
+from minivllm.engine.scheduler_output import SchedulerOutput
+from minivllm.executor.base import Executor, StepFuture
+from minivllm.executor.uniproc import UniProcExecutor
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Owns the model runner and the scheduler; knows nothing about text or tokenizers."""
+    """Owns the executor and the scheduler; knows nothing about text or tokenizers."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(
-            model_dir=config.model_dir, arch=config.arch, device=config.device, dtype=config.dtype,
-            load_format=config.load_format, seed=config.seed,
-            attention_backend=config.attention_backend,
-            max_position=config.scheduler.max_model_len)
-        cache = config.cache
-        num_blocks = cache.num_kv_blocks or self.runner.auto_num_blocks(
-            cache.block_size, cache.gpu_memory_utilization, config.scheduler.max_num_batched_tokens)
-        self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        self.executor: Executor = UniProcExecutor(config)
+        cache, sched = config.cache, config.scheduler
+        num_blocks = cache.num_kv_blocks or self.executor.num_available_kv_blocks(
+            cache.block_size, cache.gpu_memory_utilization, sched.max_num_batched_tokens)
         # Final, frozen configs now that the cache size is known.
         self.cache_config = CacheConfig(cache.block_size, num_blocks, cache.gpu_memory_utilization,
                                         cache.enable_prefix_caching)
-        sched = config.scheduler
         # A sequence longer than the whole cache could never run, even alone.
         max_model_len = min(sched.max_model_len, num_blocks * cache.block_size)
         if max_model_len < sched.max_model_len:
@@ -38,15 +42,21 @@ class EngineCore:
                            max_model_len)
         self.scheduler_config = SchedulerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
                                                 max_model_len)
-        self.runner.warm_up_prefill(sched.max_num_batched_tokens, max_model_len)
-        if not config.enforce_eager:
-            self.runner.capture_decode_graphs(sched.max_num_seqs, max_model_len)
+        self.executor.initialize(num_blocks, cache.block_size, sched.max_num_seqs,
+                                 sched.max_num_batched_tokens, max_model_len, config.enforce_eager)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.requests: dict[str, Request] = {}
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, cache.block_size)
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
+        logger.info("KV cache: %d blocks of %d tokens; overlapped scheduling %s", num_blocks,
+                    cache.block_size, "on" if self.async_scheduling else "off")
 
     # ---- requests ------------------------------------------------------------------------
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Unfinished requests by id."""
+        return self.scheduler.requests
+
     def check_request(self, num_prompt_tokens: int) -> None:
         """Raise ValueError if a prompt of this length can never be served."""
         self.scheduler.check_fits(num_prompt_tokens)
@@ -55,38 +65,61 @@ class EngineCore:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self.check_request(req.num_prompt_tokens)
-        self.requests[req.request_id] = req
         self.scheduler.add_request(req)
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
         for rid in request_ids:
-            req = self.requests.pop(rid, None)
+            req = self.requests.get(rid)
             if req is not None:
                 self.scheduler.finish(req, reason)
-                self.runner.remove_request(rid)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     # ---- the loop body -------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
-        """One iteration: schedule → run → update. Returns new tokens and finished requests."""
-        sched = self.scheduler.schedule()
+        """One iteration: schedule → launch → update with the tokens of the step that finished
+        (this one, or with overlap the previous one). Returns new tokens and finished requests."""
         result = EngineCoreOutputs()
-        if sched.is_empty:
-            return result
-        for req, n in zip(sched.requests, sched.num_scheduled_tokens):
-            if req.num_computed_tokens + n == req.num_tokens and req.num_output_tokens > 0:
-                result.num_decode_tokens += n
-            else:
-                result.num_prefill_tokens += n
-        step = self.runner.execute(sched)
-        self.scheduler.update_after_step(sched)
-        for req, token, lps, slp in zip(step.requests, step.token_ids, step.logprobs,
-                                        step.sampled_logprobs):
-            req.output_token_ids.append(token)
+        sched = self.scheduler.schedule()
+        result.num_prefill_tokens, result.num_decode_tokens = sched.num_prefill_tokens, sched.num_decode_tokens
+        future = self._launch(sched, result)
+        launched = (sched, future) if future is not None and not sched.is_empty else None
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is not None:
+            self._update(done[0], done[1], result)
+        return result
+
+    def _launch(self, sched: SchedulerOutput, result: EngineCoreOutputs) -> StepFuture | None:
+        """Hand the step to the executor. A failure that concerns only this step's requests
+        (bad values that slipped through validation, say) fails them and the engine goes on;
+        a device error means broken engine state and propagates."""
+        try:
+            return self.executor.execute(sched)
+        except Exception as e:  # noqa: BLE001 - sorted into request errors and fatal ones below
+            if _is_fatal(e):
+                raise
+            logger.exception("engine step failed; failing its %d requests", len(sched.req_ids))
+            message = f"the model step failed for this request ({type(e).__name__}: {e})"
+            for rid in sched.req_ids:
+                req = self.requests.get(rid)
+                if req is not None:
+                    self.scheduler.finish(req, "error")
+                    result.outputs.append(EngineCoreOutput(
+                        request_id=rid, new_token_ids=[], finish_reason="error", error=message,
+                        num_cached_tokens=req.num_cached_tokens))
+            return None
+
+    def _update(self, sched: SchedulerOutput, future: StepFuture, result: EngineCoreOutputs) -> None:
+        output = future.result()
+        for req, i in self.scheduler.update_from_output(sched, output):
+            token = output.token_ids[i]
             finish, stop_reason = self._check_stop(req, token)
+            lps, slp = output.logprobs[i], output.sampled_logprobs[i]
             result.outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lps] if lps is not None else None,
@@ -95,9 +128,6 @@ class EngineCore:
                 num_cached_tokens=req.num_cached_tokens))
             if finish is not None:
                 self.scheduler.finish(req, finish, stop_reason)
-                self.requests.pop(req.request_id, None)
-                self.runner.remove_request(req.request_id)
-        return result
 
     def _check_stop(self, req: Request, token: int) -> tuple[str | None, int | None]:
         p = req.params
@@ -108,7 +138,7 @@ class EngineCore:
                 return "stop", token
         if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
             return "length", None
-        if req.num_tokens >= self.scheduler_config.max_model_len:
+        if req.num_known_tokens >= self.scheduler_config.max_model_len:
             return "length", None
         return None, None
 
@@ -124,3 +154,14 @@ class EngineCore:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
         }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _is_fatal(e: BaseException) -> bool:
+    """Device errors leave the CUDA context unusable: nothing after them can be trusted."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return "CUDA error" in str(e) or "CUBLAS_STATUS" in str(e)

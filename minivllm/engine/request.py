@@ -40,6 +40,11 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
+    # Tokens sampled by a step still in flight: scheduled as if known (their K/V can be
+    # computed by the next step, whose input ids come straight from the device), but not yet
+    # in ``output_token_ids``. Overlapped scheduling keeps at most one per request.
+    num_placeholders: int = 0
+    num_blocks_sent: int = 0  # leading ``block_ids`` the model runner already has
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -47,11 +52,22 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the scheduler may compute up to: known ones plus in-flight placeholders."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholders
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus the output tokens the host has received."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_pending_output_tokens(self) -> int:
+        """Output tokens received or in flight (what ``max_tokens`` limits)."""
+        return len(self.output_token_ids) + self.num_placeholders
 
     @property
     def all_token_ids(self) -> list[int]:

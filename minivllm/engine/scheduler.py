@@ -5,16 +5,22 @@ request some of the difference. Running requests go first (decodes cost one toke
 then waiting ones (FCFS) fill what is left of the budget, so decode and prefill chunks share a
 step and long prompts are prefilled in chunks. When blocks run out, the newest running request
 is preempted (its blocks freed, recomputed later from its tokens) rather than failing anything.
+
+Progress is counted when a step is scheduled, not when it returns: a request whose chunk ends
+its sequence gets a *placeholder* for the token that step will sample. So the next step can be
+scheduled while this one still runs (overlapped scheduling); the placeholder's input id is read
+on the device. ``update_from_output`` later swaps placeholders for the real tokens.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.request import Request, RequestStatus
+from minivllm.engine.scheduler_output import (TOKEN_FROM_DEVICE, ModelRunnerOutput, NewRequestData,
+                                              SchedulerOutput)
 
 
 def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
@@ -23,22 +29,6 @@ def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
         raise ValueError(
             f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len} "
             "(the prompt plus at least one generated token must fit)")
-
-
-@dataclass
-class SchedulerOutput:
-    """Which requests run this step and how many new tokens each computes (same order)."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: list[int] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
 
 
 class Scheduler:
@@ -54,11 +44,15 @@ class Scheduler:
         self.kv = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.num_preemptions = 0
+        # Rows the runner must drop at the next step (finished, aborted, preempted).
+        self.finished_req_ids: list[str] = []
 
     # ---- intake --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         """Queue a request. Its admissibility was checked by the engine (``check_fits``)."""
+        self.requests[req.request_id] = req
         self.waiting.append(req)
 
     def check_fits(self, num_prompt_tokens: int) -> None:
@@ -75,7 +69,7 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        scheduled: list[tuple[Request, int, bool]] = []  # (request, tokens, is new row)
         budget = self.config.max_num_batched_tokens
         preempted_this_step = False
 
@@ -83,7 +77,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or self._must_wait(req):
                 i += 1
                 continue
             while not self.kv.allocate(req, num_new):
@@ -93,8 +87,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.requests.append(req)
-                out.num_scheduled_tokens.append(num_new)
+                scheduled.append((req, num_new, False))
                 budget -= num_new
                 i += 1
                 continue
@@ -104,6 +97,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_this_step
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_placeholders:
+                break  # preempted with a token in flight: resume once it has arrived
             cached = self.kv.find_cached_prefix(req)
             num_cached_tokens = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_cached_tokens, budget)
@@ -117,30 +112,84 @@ class Scheduler:
             req.num_computed_tokens = num_cached_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.requests.append(req)
-            out.num_scheduled_tokens.append(num_new)
+            scheduled.append((req, num_new, True))
             budget -= num_new
-        return out
+        return self._describe(scheduled)
 
+    def _must_wait(self, req: Request) -> bool:
+        """A request whose in-flight token may be its last is not run again until it is known:
+        it is never given a token beyond ``max_tokens`` or ``max_model_len``."""
+        if not req.num_placeholders:
+            return False
+        max_tokens = req.params.max_tokens
+        return ((max_tokens is not None and req.num_pending_output_tokens >= max_tokens)
+                or req.num_tokens >= self.config.max_model_len)
+
+    def _describe(self, scheduled: list[tuple[Request, int, bool]]) -> SchedulerOutput:
+        """The step as plain data for the runner; counts the scheduled tokens as computed."""
+        out = SchedulerOutput(finished_req_ids=self.finished_req_ids)
+        self.finished_req_ids = []
+        token_ids = out.token_ids
+        for row, (req, n, is_new) in enumerate(scheduled):
+            start = req.num_computed_tokens
+            if is_new:
+                out.new_requests.append(NewRequestData(
+                    req.request_id, req.prompt_token_ids, list(req.output_token_ids),
+                    list(req.block_ids), req.params, req.seed, tuple(sorted(req.eos_token_ids))))
+            elif len(req.block_ids) > req.num_blocks_sent:
+                out.new_block_ids[req.request_id] = req.block_ids[req.num_blocks_sent:]
+            req.num_blocks_sent = len(req.block_ids)
+            out.req_ids.append(req.request_id)
+            out.num_scheduled_tokens.append(n)
+            out.num_computed_tokens.append(start)
+            known_end = min(start + n, req.num_known_tokens)
+            if known_end == start + 1 == req.num_known_tokens and req.output_token_ids:
+                token_ids.append(req.output_token_ids[-1])  # the common decode case
+            else:
+                token_ids.extend(req.token_slice(start, known_end))
+            if start + n > known_end:
+                token_ids.append(TOKEN_FROM_DEVICE)  # at most one: see Request.num_placeholders
+            if n == 1 and start >= req.num_prompt_tokens:
+                out.num_decode_tokens += 1
+            else:
+                out.num_prefill_tokens += n
+            req.num_computed_tokens = start + n
+            if req.num_computed_tokens == req.num_tokens:
+                out.sampling_rows.append(row)
+                req.num_placeholders += 1
+        return out
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self.finished_req_ids.append(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_blocks_sent = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ---- after the step ------------------------------------------------------------------
-    def update_after_step(self, out: SchedulerOutput) -> list[Request]:
-        """Advance progress and register newly full blocks. Returns the requests whose last
-        scheduled token completed their sequence (they sampled a token this step)."""
-        sampled = []
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            req.num_computed_tokens += n
-            self.kv.cache_computed_blocks(req)
-            if req.num_computed_tokens == req.num_tokens:
-                sampled.append(req)
-        return sampled
+    def update_from_output(self, step: SchedulerOutput,
+                           output: ModelRunnerOutput) -> list[tuple[Request, int]]:
+        """Swap the step's placeholders for the sampled tokens and register newly full blocks.
+
+        Returns ``(request, index into output)`` for each live request that got a token;
+        tokens of requests that finished meanwhile (a stop seen one step late, an abort) are
+        dropped here and never reach the user.
+        """
+        updated = []
+        for i, rid in enumerate(output.req_ids):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            req.num_placeholders -= 1
+            req.output_token_ids.append(output.token_ids[i])
+            updated.append((req, i))
+        for rid in step.req_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished and req.block_ids:
+                self.kv.cache_computed_blocks(req)
+        return updated
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark ``req`` finished (from any queue) and free its blocks."""
@@ -149,8 +198,10 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+        self.requests.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
+            self.finished_req_ids.append(req.request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)

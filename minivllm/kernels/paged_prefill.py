@@ -92,7 +92,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# ``num_seqs`` varies step by step: specialising on it (== 1, divisible by 16) would compile
+# new variants in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     seq_lens_ptr, query_start_loc_ptr, block_tables_ptr,

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
 
 import torch
 
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.selector import get_attention_backend
 from minivllm.config import ModelArchConfig
-from minivllm.engine.request import Request
-from minivllm.engine.scheduler import SchedulerOutput
-from minivllm.layers.sampler import Sampler
+from minivllm.engine.scheduler_output import SchedulerOutput
+from minivllm.layers.sampler import Sampler, SamplingMetadata
 from minivllm.models.loader import load_model
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
-from minivllm.runner.input_batch import build_model_inputs
-from minivllm.runner.sampling_state import SamplingState
+from minivllm.runner.input_batch import InputBatch, PreviousSample
+from minivllm.runner.step_handle import StepHandle
 
 CPU_KV_CACHE_BYTES = 1 << 30  # CPU has no memory profiler worth trusting: a fixed, modest cap
 GIB = 1 << 30
-
-
-@dataclass
-class StepResult:
-    """Sampled tokens for the requests that completed their sequence this step."""
-
-    requests: list[Request]
-    token_ids: list[int]
-    logprobs: list[dict[int, float] | None]
-    sampled_logprobs: list[float | None]
 
 
 class ModelRunner:
@@ -46,9 +35,11 @@ class ModelRunner:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
-        self.sampling_state = SamplingState(device, arch.vocab_size)
+        self.max_position = max_position
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.input_batch: InputBatch | None = None
+        self.prev_sample: PreviousSample | None = None
         self.decode_graphs: DecodeGraphRunner | None = None
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -64,6 +55,10 @@ class ModelRunner:
         per_block = self.kv_bytes_per_block(block_size)
         if self.device.type != "cuda":
             return max(CPU_KV_CACHE_BYTES // per_block, 1)
+        # Memory a previous engine in this process left behind (its tensors unreachable but not
+        # yet collected, or cached by the allocator) would otherwise count as taken.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         a = self.arch
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -77,7 +72,11 @@ class ModelRunner:
                              "or lower max_num_batched_tokens")
         return int(budget // per_block)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_num_seqs: int,
+                          max_model_len: int) -> None:
+        """The paged KV cache and the persistent batch whose block tables index it."""
+        self.input_batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), block_size,
+                                      self.arch.vocab_size, self.device)
         a = self.arch
         shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -88,7 +87,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture pure-decode CUDA graphs (needs the KV cache allocated). Only the Triton
         backend is capturable: the torch reference sizes its work from host values."""
-        if self.device.type != "cuda" or self.backend.name != "triton":
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             return
         self.decode_graphs = DecodeGraphRunner(
             self.model, self.kv_caches, capture_sizes(max_num_seqs),
@@ -101,7 +100,7 @@ class ModelRunner:
         tile shrinks for short queries) and once at the full token budget, so Triton compiles
         before the first request instead of during it. Writes nothing to the KV cache: every
         slot is ``-1``. Only on CUDA with the Triton backend, unless ``force`` (tests)."""
-        if not force and (self.device.type != "cuda" or self.backend.name != "triton"):
+        if not force and (self.device.type != "cuda" or not self.backend.compiles_per_shape):
             return
         longest = min(max_num_batched_tokens, max_model_len - 1)
         lengths = sorted({min(2 ** i, longest) for i in range(1, 9)} | {longest})
@@ -122,38 +121,73 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # ---- the step ------------------------------------------------------------------------
-    def remove_request(self, request_id: str) -> None:
-        self.sampling_state.remove(request_id)
-
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run the scheduled tokens through the model and sample for completed sequences."""
-        inputs = build_model_inputs(sched, self.block_size, self.device)
+    def warm_up_sampler(self, max_num_seqs: int) -> None:
+        """Run every sampler path once (greedy, temperature with top-k/top-p/min-p, penalties,
+        bans, logprobs) at a small and the largest batch, on random logits: their kernels load
+        at start-up rather than inside the first request that needs them. CUDA only."""
+        if self.device.type != "cuda":
+            return
+        dev, vocab = self.device, self.arch.vocab_size
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(0)
+        for batch in sorted({1, max_num_seqs}):
+            logits = torch.randn(batch, vocab, device=dev, generator=gen)
+
+            def col(value: float, dtype=torch.float32) -> torch.Tensor:
+                return torch.full((batch,), value, dtype=dtype, device=dev)
+
+            variants = [
+                SamplingMetadata(None, None, None, None, True, False, False, False,
+                                 [None] * batch, -1),
+                SamplingMetadata(col(0.7), col(0, torch.int64), col(1.0), col(0.0), False, False,
+                                 False, False, [None] * batch, -1),
+                SamplingMetadata(col(0.7), col(20, torch.int64), col(0.9), col(0.05), False, True,
+                                 True, True, [gen] + [None] * (batch - 1), 5),
+            ]
+            penalised = variants[0]
+            penalised.repetition_penalty, penalised.presence_penalty = col(1.1), col(0.1)
+            penalised.frequency_penalty = col(0.1)
+            penalised.prompt_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+            penalised.output_counts = torch.zeros(batch, vocab, device=dev)
+            penalised.banned_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+            for md in variants:
+                out = self.sampler(logits, md)
+                out.sampled_token_ids.to("cpu", non_blocking=True)
+        torch.cuda.synchronize(dev)
+
+    # ---- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> StepHandle:
+        """Launch one step and return at once; ``result()`` of the handle waits for it.
+
+        On CUDA the forward pass and the sampler are only enqueued here, and the sampled ids
+        are copied back asynchronously, so the caller can schedule the next step meanwhile.
+        """
+        batch = self.input_batch
+        for rid in step.finished_req_ids:
+            batch.remove(rid)
+        for new in step.new_requests:
+            batch.add(new)
+        for rid, block_ids in step.new_block_ids.items():
+            batch.append_blocks(rid, block_ids)
+        if step.is_empty:
+            return StepHandle.empty()
+        inputs = batch.prepare(step, self.prev_sample)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
             hidden = self.decode_graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        reqs = [sched.requests[i] for i in inputs.sampling_rows]
-        if not reqs:
-            return StepResult([], [], [], [])
+        if not len(inputs.sample_rows):
+            self.prev_sample = None
+            return StepHandle.empty()
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        md = self.sampling_state.build(reqs)
+        md = batch.sampling.metadata(inputs.sample_rows, inputs.sample_rows_dev)
         out = self.sampler(logits, md)
-        # The one device→host sync of the step.
-        token_ids = out.sampled_token_ids.tolist()
-        logprobs: list[dict[int, float] | None] = [None] * len(reqs)
-        sampled_lp: list[float | None] = [None] * len(reqs)
-        if out.sampled_logprobs is not None:
-            sampled = out.sampled_logprobs.tolist()
-            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
-            top_lp = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
-            for i, req in enumerate(reqs):
-                if req.params.logprobs is None:
-                    continue
-                sampled_lp[i] = sampled[i]
-                n = req.params.logprobs
-                entry = dict(zip(top_ids[i][:n], top_lp[i][:n])) if n and top_ids else {}
-                entry[token_ids[i]] = sampled[i]
-                logprobs[i] = entry
-        return StepResult(reqs, token_ids, logprobs, sampled_lp)
+        batch.sampling.record_sampled(inputs.sample_rows, inputs.sample_rows_dev,
+                                      out.sampled_token_ids)
+        req_ids = [step.req_ids[i] for i in step.sampling_rows]
+        self.prev_sample = PreviousSample(out.sampled_token_ids,
+                                          {rid: i for i, rid in enumerate(req_ids)})
+        wanted = [batch.sampling.num_logprobs[r] for r in inputs.sample_rows.tolist()]
+        return StepHandle(req_ids, out, wanted, self.device)

@@ -29,7 +29,7 @@ def test_padded_decode_buffers_match_plain_decode(tiny_model_dirs):
     expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
 
     padded = LLM(tiny_model_dirs["qwen3_hd64"], **kw)
-    runner = padded.engine.runner
+    runner = padded.engine.executor.runner
     graphs = DecodeGraphRunner(runner.model, runner.kv_caches, [1, 2, 4, 8], max_model_len=96,
                                block_size=runner.block_size, device=runner.device,
                                dtype=runner.dtype, use_graphs=False)
@@ -51,7 +51,7 @@ def test_padded_decode_buffers_match_plain_decode(tiny_model_dirs):
 def test_prefill_warm_up_runs_every_bucket_and_writes_nothing(tiny_model_dirs):
     llm = LLM(tiny_model_dirs["qwen3_hd64"], device="cpu", dtype="float32", attention_backend="triton",
               max_model_len=96, num_kv_blocks=8)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     calls = []
     forward = runner.model.forward
     runner.model.forward = lambda ids, *a: calls.append(len(ids)) or forward(ids, *a)

@@ -18,7 +18,7 @@ def _generate(model_dir: str, backend: str, prompts, **kw):
     first = llm.generate(prompts, params, use_tqdm=False)
     again = llm.generate(prompts[-2:], params, use_tqdm=False)  # prefix-cache hits
     ids = [o.outputs[0].token_ids for o in first + again]
-    return ids, llm.stats(), type(llm.engine.runner.backend).__name__
+    return ids, llm.stats(), type(llm.engine.executor.runner.backend).__name__
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; GPU runs tests/gpu")

@@ -89,3 +89,37 @@ def test_cuda_graph_decode_matches_eager():
     same, total = _compare(eager, graphs)
     print(f"CUDA graphs vs eager: {same}/{total} greedy tokens identical")
     assert same >= 0.8 * total
+
+
+def test_overlapped_scheduling_matches_sync():
+    """Overlap on (the CUDA default) vs off: same kernels, tokens learnt one step later."""
+    prompts = _prompts(151936)
+    sync, _ = _run("triton", prompts, async_scheduling=False)
+    overlap, _ = _run("triton", prompts, async_scheduling=True)
+    same, total = _compare(sync, overlap)
+    print(f"overlap vs sync: {same}/{total} greedy tokens identical")
+    assert same >= 0.8 * total
+
+
+def test_no_triton_compilation_after_start_up():
+    """A W1-shaped run (mixed prefill chunks and decodes, temperature sampling) right after
+    start-up compiles no Triton kernel: the warm-up paid for all of them."""
+    import random
+
+    import triton
+
+    llm = LLM(QWEN3_06B, load_format="dummy", seed=0, max_model_len=4096)
+    compiled = []
+    hook_owner = triton.knobs.runtime
+    old = hook_owner.jit_post_compile_hook
+    hook_owner.jit_post_compile_hook = lambda *a, **kw: compiled.append(kw.get("fn", a))
+    try:
+        rng = random.Random(1)
+        prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(96)]
+        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(4, 64))
+                  for _ in prompts]
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        hook_owner.jit_post_compile_hook = old
+    print(f"Triton compilations after start-up: {len(compiled)}")
+    assert compiled == []

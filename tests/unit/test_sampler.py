@@ -1,7 +1,8 @@
 """Sampler on CPU: greedy, filters, penalties, banned tokens, per-request seeds, logprobs.
 
-Metadata is built the way the runner builds it (``SamplingState`` from ``Request`` objects)
-wherever a test is about what a request asks for; hand-made ``SamplingMetadata`` is used for
+Metadata is built the way the runner builds it (``SamplingRows``, the persistent batch's
+per-row settings, filled from ``Request`` objects by ``SamplingState`` below) wherever a test
+is about what a request asks for; hand-made ``SamplingMetadata`` is used for
 the filter arithmetic. Every random draw comes from a fixed seed, so results are deterministic.
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from minivllm.engine.request import Request
 from minivllm.layers.sampler import Sampler, SamplingMetadata, apply_penalties, filter_logits
-from minivllm.runner.sampling_state import SamplingState
+from minivllm.runner.sampling_rows import SamplingRows
 from minivllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -28,6 +29,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+class SamplingState:
+    """Requests → rows of a ``SamplingRows``, as the runner's persistent batch does it: a request
+    keeps its row (and seeded generator) for as long as the same object is passed."""
+
+    def __init__(self, device: torch.device, vocab_size: int, max_rows: int = 4096) -> None:
+        self.rows = SamplingRows(max_rows, vocab_size, device)
+        self.device = device
+        self._row_of: dict[str, tuple[int, Request]] = {}
+
+    def build(self, reqs: list[Request]) -> SamplingMetadata:
+        rows = []
+        for r in reqs:
+            known = self._row_of.get(r.request_id)
+            if known is None or known[1] is not r:
+                row = known[0] if known is not None else len(self._row_of)
+                self.rows.add(row, r.params, r.seed, tuple(r.eos_token_ids), r.prompt_token_ids,
+                              r.output_token_ids)
+                self._row_of[r.request_id] = (row, r)
+            row = self._row_of[r.request_id][0]
+            self.rows.num_output[row] = r.num_output_tokens
+            rows.append(row)
+        self.rows.apply(*self._flush())
+        host = torch.tensor(rows, dtype=torch.int64)
+        return self.rows.metadata(host.numpy(), host.to(self.device))
+
+    def _flush(self):
+        from minivllm.runner.staging import StagingBuffer
+
+        staging = StagingBuffer(self.device)
+        staging.begin()
+        handles = self.rows.stage(staging)
+        return handles, staging.upload()
 
 
 def req(rid: str, params: SamplingParams, *, prompt: list[int] = (1,), output: list[int] = (),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,8 +19,16 @@ import pytest
 from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.request import Request, RequestStatus
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
+from minivllm.engine.scheduler import Scheduler
+from minivllm.engine.scheduler_output import TOKEN_FROM_DEVICE, ModelRunnerOutput, SchedulerOutput
 from minivllm.sampling_params import SamplingParams
+
+class ScheduledStep(NamedTuple):
+    """One step as the tests read it: the live requests scheduled and their token counts."""
+
+    requests: list[Request]
+    num_scheduled_tokens: list[int]
+
 
 STEP_CAP = 5000  # far above what any test needs; reaching it means livelock
 
@@ -29,7 +38,12 @@ class Harness:
 
     def __init__(self, *, num_blocks: int, block_size: int = 4, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 64, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, overlap: bool = False) -> None:
+        # overlap: results are applied one step late, as the engine does with async scheduling;
+        # the harness then plays the device too (it holds the in-flight tokens).
+        self.overlap = overlap
+        self.in_flight: tuple[SchedulerOutput, ModelRunnerOutput] | None = None
+        self.num_device_tokens = 0  # input ids the scheduler could not know (overlap only)
         if max_model_len is None:
             max_model_len = num_blocks * block_size
         self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
@@ -55,55 +69,84 @@ class Harness:
         pos = np.arange(start, end)
         return np.asarray(req.block_ids, dtype=np.int64)[pos // bs], pos % bs
 
-    def step(self) -> tuple[SchedulerOutput, list[Request]]:
+    def step(self) -> tuple[ScheduledStep, list[Request]]:
         self.num_steps += 1
         was_running = {r.request_id for r in self.sched.running}
-        out = self.sched.schedule()
-        self.check_schedule(out)
-        for req in out.requests:
+        starts = {r.request_id: r.num_computed_tokens for r in self.sched.running}
+        plain = self.sched.schedule()
+        out = ScheduledStep([self.requests[rid] for rid in plain.req_ids], plain.num_scheduled_tokens)
+        self.check_schedule(out, plain)
+        # Tokens sampled by the step in flight, which only "the device" knows yet.
+        on_device = dict(zip(self.in_flight[1].req_ids, self.in_flight[1].token_ids)) if self.in_flight else {}
+
+        def truth(req: Request) -> list[int]:
+            return req.all_token_ids + ([on_device[req.request_id]] if req.request_id in on_device else [])
+
+        for req, c in zip(out.requests, plain.num_computed_tokens):
             if req.request_id not in was_running:
                 self.admission_order.append(req.request_id)
-                self.admission_hit_tokens += req.num_computed_tokens
+                self.admission_hit_tokens += c
+            else:
+                assert c == starts[req.request_id]
+        # The plain data says exactly which tokens to feed; unknown ones come from the device.
+        fed = [on_device[plain.req_ids[row]] if t == TOKEN_FROM_DEVICE else t
+               for row, n in enumerate(out.num_scheduled_tokens)
+               for t in plain.token_ids[sum(out.num_scheduled_tokens[:row]):][:n]]
+        flat = [t for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens)
+                for t in truth(req)[c:c + n]]
+        assert fed == flat
+        self.num_device_tokens += plain.token_ids.count(TOKEN_FROM_DEVICE)
+        if not self.overlap:
+            assert self.num_device_tokens == 0
         # Runner: write the new tokens' K/V ...
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            c = req.num_computed_tokens
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
             blocks, offsets = self.slots(req, c, c + n)
-            self.cache[blocks, offsets] = req.all_token_ids[c:c + n]
+            self.cache[blocks, offsets] = truth(req)[c:c + n]
         # ... then attention reads the whole context of every scheduled request.
         next_tokens = {}
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            end = req.num_computed_tokens + n
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
+            end = c + n
             blocks, offsets = self.slots(req, 0, end)
             seen = self.cache[blocks, offsets]
-            assert seen.tolist() == req.all_token_ids[:end], f"{req.request_id} read wrong K/V"
+            assert seen.tolist() == truth(req)[:end], f"{req.request_id} read wrong K/V"
             next_tokens[req.request_id] = 1 + zlib.crc32(seen.tobytes()) % 997
-        sampled = self.sched.update_after_step(out)
-        for req in sampled:
-            assert req.num_computed_tokens == req.num_tokens
-            req.output_token_ids.append(next_tokens[req.request_id])
-            if (req.num_output_tokens >= req.params.max_tokens
-                    or req.num_tokens >= self.config.max_model_len):
-                self.sched.finish(req, "length")
-                self.finished.append(req.request_id)
+        ids = [plain.req_ids[i] for i in plain.sampling_rows]
+        result = ModelRunnerOutput(ids, [next_tokens[r] for r in ids], [None] * len(ids),
+                                   [None] * len(ids))
+        if self.overlap:
+            done, self.in_flight = self.in_flight, ((plain, result) if ids else None)
+        else:
+            done = (plain, result)
+        sampled = []
+        if done is not None:
+            for req, _ in self.sched.update_from_output(*done):
+                sampled.append(req)
+                assert req.num_output_tokens <= req.params.max_tokens
+                if (req.num_output_tokens >= req.params.max_tokens
+                        or req.num_known_tokens >= self.config.max_model_len):
+                    self.sched.finish(req, "length")
+                    self.finished.append(req.request_id)
         self.check_block_accounting()
         return out, sampled
 
     def run_to_completion(self) -> None:
-        while self.sched.has_unfinished:
+        while self.sched.has_unfinished or self.in_flight is not None:
             assert self.num_steps < STEP_CAP, "scheduler livelock: no progress"
             self.step()
 
     # ---- invariants ----------------------------------------------------------------------
-    def check_schedule(self, out: SchedulerOutput) -> None:
+    def check_schedule(self, out: ScheduledStep, plain: SchedulerOutput) -> None:
         assert len(out.requests) == len(out.num_scheduled_tokens)
         assert len({id(r) for r in out.requests}) == len(out.requests), "request scheduled twice"
-        assert out.total_tokens <= self.config.max_num_batched_tokens
+        assert plain.total_tokens <= self.config.max_num_batched_tokens
         assert len(self.sched.running) <= self.config.max_num_seqs
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
+        for req, c, n in zip(out.requests, plain.num_computed_tokens, out.num_scheduled_tokens):
             assert n >= 1
             assert req.status == RequestStatus.RUNNING and req in self.sched.running
-            assert req.num_computed_tokens + n <= req.num_tokens
-            assert len(req.block_ids) >= self.kv.blocks_needed(req.num_computed_tokens + n)
+            assert c + n == req.num_computed_tokens <= req.num_tokens
+            assert len(req.block_ids) >= self.kv.blocks_needed(c + n)
+            # Never a token beyond max_tokens, even with one in flight.
+            assert req.num_pending_output_tokens <= req.params.max_tokens
 
     def check_block_accounting(self) -> None:
         holders = [0] * self.kv.num_blocks
@@ -336,16 +379,21 @@ def run_workload(reqs, **kw) -> Harness:
     return h
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("enable_prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cache_exhaustion_all_finish_with_same_outputs(seed, enable_prefix_caching):
+def test_cache_exhaustion_all_finish_with_same_outputs(seed, enable_prefix_caching, overlap):
+    """Roomy vs tight cache (preemption, chunking), results applied at once or one step late
+    (overlapped scheduling): every request ends with the same tokens."""
     reqs = workload(seed)
     roomy = run_workload(reqs, num_blocks=256, max_model_len=40, max_num_batched_tokens=512,
                          max_num_seqs=64, enable_prefix_caching=enable_prefix_caching)
     tight = run_workload(reqs, num_blocks=10, max_model_len=40, max_num_batched_tokens=12,
-                         max_num_seqs=8, enable_prefix_caching=enable_prefix_caching)
+                         max_num_seqs=8, enable_prefix_caching=enable_prefix_caching,
+                         overlap=overlap)
     assert roomy.sched.num_preemptions == 0
     assert tight.sched.num_preemptions > 0
+    assert (tight.num_device_tokens > 0) == overlap
     for rid, p, max_tokens in reqs:
         r = tight.requests[rid]
         assert r.is_finished and r.finish_reason == "length"

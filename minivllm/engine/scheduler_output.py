@@ -1,0 +1,69 @@
+"""What one engine step asks of the model runner(s), as plain, picklable data.
+
+The scheduler owns the live ``Request`` objects; the runner keeps a persistent batch of rows
+keyed by request id and is told only what changed: rows to create (``new_requests``), rows to
+drop (``finished_req_ids``), and for every scheduled row its new blocks and the token ids of
+its chunk. The same object can be sent unchanged to tensor-parallel workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minivllm.sampling_params import SamplingParams
+
+# In ``SchedulerOutput.token_ids``: this input token was sampled by the previous step and is
+# still on the device; the runner takes it from there.
+TOKEN_FROM_DEVICE = -1
+
+
+@dataclass
+class NewRequestData:
+    """A row the runner has not seen: first scheduled, or resumed after a preemption."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # known outputs (non-empty when resuming after a preemption)
+    block_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SchedulerOutput:
+    """One step. Per-row lists are in batch order (the order of ``req_ids``)."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    # Rows to drop before this step runs: finished, aborted or preempted since the last step.
+    finished_req_ids: list[str] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step
+    # Blocks appended to a running row's table since it was last scheduled (absent: none).
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Input ids of every scheduled token, rows concatenated; TOKEN_FROM_DEVICE where unknown.
+    token_ids: list[int] = field(default_factory=list)
+    # Batch indices of the rows whose chunk ends their sequence: they sample a token.
+    sampling_rows: list[int] = field(default_factory=list)
+    # Counters for progress bars and metrics (not needed by the runner).
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.req_ids
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Tokens sampled by one step, for the rows in ``SchedulerOutput.sampling_rows`` order."""
+
+    req_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    sampled_logprobs: list[float | None]
