@@ -26,11 +26,12 @@ def _prompts():
     return [shared + p for p in random_prompts([5, 9], seed=12)] + random_prompts([1, 17, 70], seed=13)
 
 
-def _generate(model_dir: str, tp: int, **kw) -> list[list[int]]:
+def _generate(model_dir: str, tp: int, params: SamplingParams | None = None, **kw) -> list[list[int]]:
     llm = LLM(model_dir, device="cpu", tensor_parallel_size=tp, block_size=16,
               max_num_batched_tokens=64, **kw)
+    params = params or SamplingParams(temperature=0, max_tokens=12)
     try:
-        outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+        outs = llm.generate(_prompts(), params, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs]
     finally:
         llm.engine.shutdown()
@@ -41,6 +42,15 @@ def test_tp2_greedy_equals_tp1(kind, tiny_model_dirs, qwen3_kv1_dir):
     model_dir = qwen3_kv1_dir if kind == "kv1" else tiny_model_dirs[kind]
     # 12 blocks of 16 tokens cannot hold all six sequences at once: the scheduler preempts.
     assert _generate(model_dir, 2, num_kv_blocks=12) == _generate(model_dir, 1, num_kv_blocks=12)
+
+
+def test_tp2_overlapped_seeded_sampling_equals_tp1(tiny_model_dirs):
+    """Overlapped scheduling feeds each rank's own sampled ids back as inputs: every rank must
+    sample the same tokens (same gathered logits, same generator), seeded sampling included."""
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=12)
+    kw = dict(params=params, async_scheduling=True, num_kv_blocks=12)
+    model_dir = tiny_model_dirs["qwen3"]
+    assert _generate(model_dir, 2, **kw) == _generate(model_dir, 1, **kw)
 
 
 def test_killed_worker_fails_generate(tiny_model_dirs):
