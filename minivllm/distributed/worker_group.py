@@ -1,4 +1,4 @@
-"""Rank 0's handle on N-1 spawned tensor-parallel workers: start, run commands, stop.
+"""Rank 0's handle on N-1 tensor-parallel worker processes: start, run commands, stop.
 
 The caller's process is rank 0. ``start()`` spawns ranks 1..N-1, joins the torch.distributed
 world with them and returns rank 0's :class:`WorkerContext`. ``execute(fn, *args)`` runs
@@ -22,10 +22,13 @@ is then unusable: ``shutdown()`` is the only thing left to do.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,36 @@ from minivllm.distributed.init import default_backend, destroy_distributed, init
 from minivllm.distributed.worker_proc import WorkerContext, WorkerSpec, worker_device, worker_main
 
 POLL_INTERVAL_MS = 50
+
+
+def _launch_worker(spec: WorkerSpec) -> subprocess.Popen:
+    """Start one worker as a fresh interpreter.
+
+    A plain subprocess rather than ``multiprocessing``: the engine core may itself run in a
+    daemonic process, which ``multiprocessing`` forbids to have children. The worker imports
+    this same ``minivllm`` (``sys.path`` travels as ``PYTHONPATH``) and reads its spec from stdin.
+    """
+    path = [p or os.getcwd() for p in sys.path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "from minivllm.distributed.worker_proc import run_from_stdin; run_from_stdin()"],
+        stdin=subprocess.PIPE, env=env)
+    proc.stdin.write(pickle.dumps(spec))
+    proc.stdin.close()
+    return proc
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    """Kill and reap every worker still running (no zombies, no orphans)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+            pass
 
 
 class WorkerError(RuntimeError):
@@ -75,7 +108,7 @@ class WorkerGroup:
         self.host = host
         self.worker_num_threads = worker_num_threads
         self.context: WorkerContext | None = None
-        self._procs: list[multiprocessing.Process] = []
+        self._procs: list[subprocess.Popen] = []
         self._zctx = None
         self._sock = None
         self._store = None
@@ -105,15 +138,13 @@ class WorkerGroup:
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{self.host}")
-        mp = multiprocessing.get_context("spawn")
         for rank in range(1, self.world_size):
             spec = WorkerSpec(rank, self.world_size, self.backend, self.device_type, self.host,
                               self._store.port, f"tcp://{self.host}:{port}",
-                              self.collective_timeout_s, self.worker_num_threads)
-            # daemon: the interpreter's exit handler kills workers rank 0 forgot to shut down.
-            proc = mp.Process(target=worker_main, args=(spec,), name=f"minivllm-tp{rank}", daemon=True)
-            proc.start()
-            self._procs.append(proc)
+                              self.collective_timeout_s, self.worker_num_threads, os.getpid())
+            self._procs.append(_launch_worker(spec))
+        # Whatever happens to this object or the interpreter, the workers go with it.
+        self._finalizer = weakref.finalize(self, _kill_all, list(self._procs))
         try:
             tp_group = self._rendezvous()
         except BaseException:
@@ -184,18 +215,18 @@ class WorkerGroup:
         """
         if self._sock is not None:
             for rank, proc in enumerate(self._procs, start=1):
-                if proc.is_alive():
+                if proc.poll() is None:
                     try:
                         self._sock.send_multipart([str(rank).encode(), pickle.dumps(("shutdown",))])
                     except Exception:  # noqa: BLE001 - unreachable worker: killed below
                         pass
         deadline = time.monotonic() + timeout_s
         for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5.0)
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_all(self._procs)
         self._procs = []
         if self._owns_dist:
             destroy_distributed()
@@ -224,8 +255,8 @@ class WorkerGroup:
     def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results, rank 0 first.
 
-        ``fn`` must be importable by name (a module-level function) and its arguments and
-        result picklable. Rank 0 runs it after sending it to the workers, so all ranks enter
+        ``fn`` must be importable by name (a module-level function of an importable module,
+        not of ``__main__``) and its arguments and result picklable. Rank 0 runs it after sending it to the workers, so all ranks enter
         its collectives together.
 
         Raises:
@@ -297,7 +328,7 @@ class WorkerGroup:
 
     def _check_processes(self, pending: set[int], stage: str) -> None:
         for rank in sorted(pending):
-            code = self._procs[rank - 1].exitcode
+            code = self._procs[rank - 1].poll()
             if code is not None:
                 raise self._fail(rank, f"process exited with code {code} while {stage}")
 

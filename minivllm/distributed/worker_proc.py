@@ -1,4 +1,4 @@
-"""The body of a spawned tensor-parallel worker process (ranks 1..N-1).
+"""The body of a tensor-parallel worker process (ranks 1..N-1), started by ``WorkerGroup``.
 
 Control messages come from rank 0 over ZMQ (DEALER here, ROUTER there), pickled:
 
@@ -14,9 +14,9 @@ error and exits; its closed connections then also unblock rank 0 if it waits in 
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import pickle
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +60,7 @@ class WorkerSpec:
     control_address: str
     timeout_s: float
     num_threads: int | None
+    parent_pid: int
 
 
 def worker_device(device_type: str, rank: int) -> torch.device:
@@ -100,7 +101,7 @@ def worker_main(spec: WorkerSpec) -> None:
                                     store=store)
         ctx = WorkerContext(spec.rank, spec.world_size, tp_group, device)
         send("ready", None)
-        exit_code = _serve(sock, ctx, send)
+        exit_code = _serve(sock, ctx, send, spec.parent_pid)
     except BaseException:  # noqa: BLE001 - everything goes back to rank 0
         send("error", traceback.format_exc())
         exit_code = 1
@@ -113,12 +114,16 @@ def worker_main(spec: WorkerSpec) -> None:
     os._exit(exit_code)
 
 
-def _serve(sock, ctx: WorkerContext, send) -> int:
-    parent = multiprocessing.parent_process()
+def run_from_stdin() -> None:
+    """``python -c`` entry point: the pickled :class:`WorkerSpec` arrives on stdin."""
+    worker_main(pickle.load(sys.stdin.buffer))
+
+
+def _serve(sock, ctx: WorkerContext, send, parent_pid: int) -> int:
     while True:
         if not sock.poll(PARENT_CHECK_INTERVAL_MS):
-            if parent is not None and not parent.is_alive():
-                return 1  # rank 0 is gone: nobody will ever send "shutdown"
+            if os.getppid() != parent_pid:
+                return 1  # rank 0 is gone (we were re-parented): nobody will send "shutdown"
             continue
         msg = pickle.loads(sock.recv())
         if msg[0] == "shutdown":

@@ -3,8 +3,10 @@ as a WorkerError within seconds (never a hang), with no process left behind."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,16 +16,35 @@ from tests.distributed import tp_commands as cmd
 
 
 def _gone(pid: int) -> bool:
+    """Exited (a zombie left for a re-parented child's new parent to reap counts as exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
         return True
-    return False
+
+
+def _worker_children() -> list[int]:
+    """Pids of this process's children that run a tensor-parallel worker (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == os.getpid() and b"run_from_stdin" in cmdline:
+            found.append(int(entry))
+    return found
 
 
 def _assert_no_workers(pids: list[int]) -> None:
     assert pids and all(_gone(p) for p in pids)
-    assert not [p for p in multiprocessing.active_children() if p.name.startswith("minivllm-tp")]
+    assert _worker_children() == []
 
 
 def test_shutdown_leaves_no_processes():
@@ -74,7 +95,7 @@ def test_worker_failing_to_start_raises_quickly():
     with pytest.raises(WorkerError, match="(?s)rank 1: failed to start.*positive"):
         group.start()
     assert time.monotonic() - t0 < 60
-    assert group.worker_pids == [] and not multiprocessing.active_children()
+    assert group.worker_pids == [] and _worker_children() == []
 
 
 def test_worker_dead_while_idle_fails_the_next_command():
@@ -93,3 +114,32 @@ def test_worker_dead_while_idle_fails_the_next_command():
     finally:
         group.shutdown()
     _assert_no_workers(pids)
+
+
+RANK0_SCRIPT = """
+import time
+from minivllm.distributed import WorkerGroup
+group = WorkerGroup(2, worker_num_threads=1)
+group.start()
+print(*group.worker_pids, flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_exit_when_rank0_is_killed():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    rank0 = subprocess.Popen([sys.executable, "-c", RANK0_SCRIPT], stdout=subprocess.PIPE, env=env,
+                             text=True)
+    try:
+        pids = [int(p) for p in rank0.stdout.readline().split()]
+        assert pids
+        rank0.send_signal(signal.SIGKILL)
+        rank0.wait(10)
+        deadline = time.monotonic() + 20
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids)
+    finally:
+        rank0.kill()
+        rank0.wait(10)
