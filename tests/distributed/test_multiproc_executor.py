@@ -3,16 +3,19 @@ chunked prefill, prefix caching and preemption in the mix; a killed worker fails
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import signal
+import time
 
 import pytest
 
-from minivllm import LLM, SamplingParams
+from minivllm import LLM, AsyncLLM, EngineDeadError, SamplingParams
 from minivllm.distributed import WorkerError
 from minivllm.runner.model_runner import ModelRunner
 from tests.conftest import random_prompts
+from tests.distributed.test_worker_group import _gone, _worker_children
 
 pytestmark = pytest.mark.skipif(
     "tp_group" not in inspect.signature(ModelRunner.__init__).parameters,
@@ -62,3 +65,32 @@ def test_killed_worker_fails_generate(tiny_model_dirs):
             llm.generate(random_prompts([8]), SamplingParams(max_tokens=4), use_tqdm=False)
     finally:
         llm.engine.shutdown()
+
+
+def test_async_llm_tp2_matches_and_dies_with_a_worker(tiny_model_dirs):
+    """The engine core runs in its own (daemonic) process and starts rank 1 from there."""
+    model_dir = tiny_model_dirs["qwen2"]
+    prompt = random_prompts([9], seed=3)[0]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = LLM(model_dir, device="cpu").generate([prompt], params, use_tqdm=False)
+
+    async def main() -> list[int]:
+        with AsyncLLM(model_dir, device="cpu", tensor_parallel_size=2) as engine:
+            out = None
+            async for out in engine.generate(prompt, params, request_id="a"):
+                pass
+            assert out.outputs[0].token_ids == expected[0].outputs[0].token_ids
+            core_pid = engine.client.proc.pid
+            workers = _worker_children(core_pid)
+            assert len(workers) == 1
+            os.kill(workers[0], signal.SIGKILL)
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate(prompt, params, request_id="b"):
+                    pass
+        return [core_pid, *workers]
+
+    pids = asyncio.run(main())
+    deadline = time.monotonic() + 20
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)

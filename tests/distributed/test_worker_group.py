@@ -24,8 +24,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _worker_children() -> list[int]:
-    """Pids of this process's children that run a tensor-parallel worker (Linux /proc)."""
+def _worker_children(parent: int | None = None) -> list[int]:
+    """Pids of ``parent``'s (default: this process's) children that run a tensor-parallel
+    worker (Linux /proc)."""
+    parent = os.getpid() if parent is None else parent
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -37,7 +39,7 @@ def _worker_children() -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if ppid == os.getpid() and b"run_from_stdin" in cmdline:
+        if ppid == parent and b"run_from_stdin" in cmdline:
             found.append(int(entry))
     return found
 
