@@ -2,6 +2,10 @@
 
 Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) differ only in flags, see their files.
 q/k/v and gate/up projections are fused into one matmul each: fewer kernel launches per layer.
+
+Tensor parallelism (``tp_group``): attention heads and MLP columns split over ranks, one
+all-reduce after ``o_proj`` and one after ``down_proj``; vocabulary rows split for the embedding
+and LM head. ``tp_group=None`` is the single-device model, computing exactly what it always did.
 """
 
 from __future__ import annotations
@@ -14,27 +18,38 @@ from torch import nn
 from minivllm.attention.base import AttentionBackend
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.config import ModelArchConfig
+from minivllm.distributed.group import TensorParallelGroup
+from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import PagedAttention
+from minivllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                    RowParallelLinear)
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding, lm_logits
+from minivllm.layers.weight_loading import WeightSource, copy_replicated
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class DecoderAttention(nn.Module):
-    """GQA self-attention: fused qkv projection, optional q/k norm, rotary, paged attention."""
+    """GQA self-attention: fused qkv projection, optional q/k norm, rotary, paged attention.
+
+    Under tensor parallelism this rank's heads only: ``num_heads``/``num_kv_heads`` are local.
+    """
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
-                 qkv_bias: bool, qk_norm: bool) -> None:
+                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, qkv_bias, tp_group)
+        self.num_heads = self.qkv_proj.num_local_heads
+        self.num_kv_heads = self.qkv_proj.num_local_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                        bias=False, tp_group=tp_group)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -53,12 +68,15 @@ class DecoderAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with gate and up fused."""
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused (column-parallel), down row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int,
+                 tp_group: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear.even(
+            hidden_size, [intermediate_size] * 2, bias=False, tp_group=tp_group)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
+                                           tp_group=tp_group)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +87,12 @@ class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the next norm."""
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
-                 qkv_bias: bool, qk_norm: bool) -> None:
+                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm)
+        self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm, tp_group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group)
 
     def forward(self, positions, x, residual, kv_cache, meta):
         if residual is None:
@@ -95,25 +113,39 @@ _STACKED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder-only LM. ``forward`` returns hidden states; ``compute_logits`` the vocab scores."""
+    """Decoder-only LM. ``forward`` returns hidden states; ``compute_logits`` the vocab scores.
+
+    With a ``tp_group`` of N ranks this is one rank's shard; every rank runs ``forward`` and
+    ``compute_logits`` on the same inputs (they contain collectives) and gets the same result.
+    """
 
     qkv_bias_default = False
     qk_norm = False
 
-    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int,
+                 tp_group: TensorParallelGroup | None = None) -> None:
+        """Raises ValueError when ``cfg`` does not split over ``tp_group``'s ranks."""
         super().__init__()
+        if tp_group is not None:
+            check_tensor_parallel(cfg, tp_group.world_size)
         self.cfg = cfg
+        self.tp_group = tp_group
         qkv_bias = cfg.attention_bias or self.qkv_bias_default
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm)
+            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group)
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, tp_group)
         # Shared by all layers; registered once here so .to() moves it.
         self.rotary = rotary
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank's cache holds per layer (all of them at TP=1)."""
+        return self.layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -126,19 +158,22 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits in float32 (sampling and logprobs want full precision)."""
+        """Full-vocabulary logits in float32 (sampling and logprobs want full precision)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        return lm_logits(hidden, weight, self.cfg.vocab_size, self.tp_group)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into our (partly fused) parameters; returns names loaded.
+    def load_weights(self, weights: Iterable[tuple[str, WeightSource]]) -> set[str]:
+        """Copy HF-named tensors into our (partly fused, possibly sharded) parameters.
+
+        ``weights`` yields full checkpoint tensors or lazy safetensors slices; sharded layers
+        read only this rank's rows. Returns the names loaded (``name#part`` for fused parts).
 
         Raises:
             ValueError: on an unknown tensor name or a shape mismatch.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        for hf_name, tensor in weights:
+        for hf_name, src in weights:
             name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -151,12 +186,15 @@ class LlamaForCausalLM(nn.Module):
                     break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter")
-            param = params[name]
-            target = param.data if shard is None else self._shard_view(name, param.data, shard)
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)}, "
-                                 f"model {tuple(target.shape)}")
-            target.copy_(tensor)
+            owner_name, _, param_name = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            try:
+                if hasattr(owner, "load_weight"):
+                    owner.load_weight(param_name, src, shard)
+                else:
+                    copy_replicated(params[name], src, name)
+            except ValueError as e:
+                raise ValueError(f"{hf_name}: {e}") from None
             loaded.add(name if shard is None else f"{name}#{shard}")
         return loaded
 
@@ -170,12 +208,3 @@ class LlamaForCausalLM(nn.Module):
             else:
                 names.add(name)
         return names
-
-    def _shard_view(self, name: str, data: torch.Tensor, shard: int) -> torch.Tensor:
-        if ".qkv_proj." in name:
-            attn = self.layers[0].self_attn
-            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-        else:
-            sizes = [self.cfg.intermediate_size] * 2
-        start = sum(sizes[:shard])
-        return data.narrow(0, start, sizes[shard])

@@ -1,4 +1,9 @@
-"""Build a model on its device and fill its weights: safetensors (streamed) or dummy."""
+"""Build a model on its device and fill its weights: safetensors (streamed) or dummy.
+
+Under tensor parallelism each rank builds its own shard (``tp_group``) and reads only its rows
+of each checkpoint tensor; dummy weights are drawn for the full TP=1 tensor and then sliced,
+so a TP=N model holds exactly the numbers of the TP=1 model.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from torch import nn
 
 from minivllm.attention.base import AttentionBackend
 from minivllm.config import ModelArchConfig
+from minivllm.distributed.group import TensorParallelGroup
+from minivllm.layers.weight_loading import WeightSource
 from minivllm.models.registry import get_model_class
 
 
@@ -24,8 +31,12 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time so that no checkpoint is held twice in RAM."""
+def iter_safetensors(model_dir: Path, lazy: bool = False) -> Iterator[tuple[str, WeightSource]]:
+    """Yield ``(name, tensor)`` one at a time so that no checkpoint is held twice in RAM.
+
+    With ``lazy`` the values are safetensors slices: the consumer reads only the rows it
+    indexes (a tensor-parallel rank its shard). The file stays open while they are consumed.
+    """
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -34,38 +45,53 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Seeded random weights with a scale that keeps activations finite through many layers."""
+    """Seeded random weights with a scale that keeps activations finite through many layers.
+
+    Each parameter's full TP=1 tensor is drawn in parameter order and the shard copied out of
+    it, so the numbers do not depend on the tensor-parallel size.
+    """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") or "layernorm" in name:
             param.data.fill_(1.0)
-        else:
+            continue
+        owner_name, _, param_name = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if not hasattr(owner, "load_weight"):
             param.data.normal_(0.0, 0.02, generator=gen)
+            continue
+        full = torch.empty(owner.full_shape(param_name), dtype=param.dtype, device=device)
+        full.normal_(0.0, 0.02, generator=gen)
+        owner.load_weight(param_name, full)
 
 
 def load_model(arch: ModelArchConfig, model_dir: Path, backend: AttentionBackend,
                device: torch.device, dtype: torch.dtype, load_format: str, seed: int,
-               max_position: int) -> nn.Module:
+               max_position: int, tp_group: TensorParallelGroup | None = None) -> nn.Module:
     """Construct the registered model class directly on ``device`` and load its weights.
 
+    ``tp_group`` (None: a single device) makes this rank's shard: each rank calls
+    ``load_model`` with its own group view and the same other arguments.
+
     Raises:
-        ValueError: unknown architecture, missing/extra checkpoint tensors, shape mismatch.
+        ValueError: unknown architecture, a model that does not split over the ranks,
+            missing/extra checkpoint tensors, shape mismatch.
     """
     cls = get_model_class(arch.architecture)
     with _default_dtype(dtype), torch.device(device):
-        model = cls(arch, backend, max_position)
-    if load_format == "dummy":
-        init_dummy_weights(model, seed)
-    else:
-        with torch.no_grad():
-            loaded = model.load_weights(iter_safetensors(model_dir))
-        missing = model.expected_weight_names() - loaded
-        if missing:
-            raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        model = cls(arch, backend, max_position, tp_group=tp_group)
+    with torch.no_grad():
+        if load_format == "dummy":
+            init_dummy_weights(model, seed)
+        else:
+            loaded = model.load_weights(iter_safetensors(model_dir, lazy=True))
+            missing = model.expected_weight_names() - loaded
+            if missing:
+                raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     return model.eval()
