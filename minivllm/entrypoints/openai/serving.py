@@ -226,7 +226,7 @@ class OpenAIServing:
                 req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs,
                 bool(req.add_special_tokens), req.truncate_prompt_tokens, req.max_new_tokens)
             job = _Job(new_id("chatcmpl"), True, [prompt], params, req.stream, req.include_usage,
-                       num_top_logprobs=req.top_logprobs or 0 if req.logprobs else None)
+                       num_top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
             return await self._run(request, adm, job)
         except BaseException:
             self._release(adm)
@@ -363,9 +363,10 @@ class OpenAIServing:
                                                         job.chat, job.num_top_logprobs):
                         yield _sse(chunk)
         finally:
+            # No await in here: when the client is gone this runs inside a cancelled anyio scope,
+            # where every await raises again. Cancelled pumps end on their own.
             for t in pumps:
                 t.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
             for i, p in enumerate(job.prompts):
                 self.metrics.observe_finished(len(p.token_ids), lengths[i], reasons[i], timing[i], True, start)
         if failed is not None:
