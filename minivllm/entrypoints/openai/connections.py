@@ -53,6 +53,33 @@ class RateLimitedLog:
         logger.warning("%s%s", message, f" ({suppressed} more since the last report)" if suppressed else "")
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a given log message through at most once per ``interval_s`` (uvicorn warns once
+    per malformed request, which a hostile client can repeat at will)."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = str(record.msg)
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def install_repeat_filter(logger_name: str = "uvicorn.error") -> None:
+    """Attach one RepeatFilter to ``logger_name`` (idempotent)."""
+    target = logging.getLogger(logger_name)
+    if not any(isinstance(f, RepeatFilter) for f in target.filters):
+        target.addFilter(RepeatFilter())
+
+
 class GuardedH11Protocol(H11Protocol):
     """One HTTP/1.1 connection (h11), with the limits above. Built by uvicorn through
     ``functools.partial(GuardedH11Protocol, limits=...)``."""

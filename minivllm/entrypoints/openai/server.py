@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 
 from minivllm.entrypoints.openai.api import build_app
-from minivllm.entrypoints.openai.connections import GuardedH11Protocol, RateLimitedLog
+from minivllm.entrypoints.openai.connections import GuardedH11Protocol, RateLimitedLog, install_repeat_filter
 from minivllm.entrypoints.openai.metrics import ServerMetrics, StatsLogger
 from minivllm.entrypoints.openai.serving import OpenAIServing
 from minivllm.entrypoints.openai.settings import ServerSettings
@@ -77,6 +77,7 @@ class OpenAIServer:
                                 timeout_graceful_shutdown=int(_EXPIRED_GRACE_S),
                                 server_header=False, proxy_headers=False,
                                 h11_max_incomplete_event_size=64 * 1024)
+        install_repeat_filter()
         self._uvicorn = _Uvicorn(config)
         self._stop = asyncio.Event()
         self._serve_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
