@@ -84,8 +84,12 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from minivllm import AsyncLLM
-    from minivllm.entrypoints.openai.server import serve
 
+    try:
+        from minivllm.entrypoints.openai.server import serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
+                         "pip install 'minivllm[serve]'") from None
     if args.model_pos is not None:
         if args.model is not None and args.model != args.model_pos:
             raise ValueError("give the model once: positionally or with --model")

@@ -137,7 +137,7 @@ class OpenAIServer:
         for srv in getattr(uv, "servers", []):
             srv.close()  # no new connections; open ones get 503 for new requests
         if self.stop_reason != ENGINE_DEAD and serving.num_in_flight:
-            logger.info("draining %d request(s) for up to %.0f s", serving.num_in_flight, timeout)
+            logger.info("draining %d request(s) for up to %g s", serving.num_in_flight, timeout)
         deadline = time.monotonic() + (timeout if self.stop_reason != ENGINE_DEAD else 0.0)
         while serving.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
