@@ -29,15 +29,15 @@ def _greedy_ids(llm, prompt, n_tokens: int) -> list[int]:
 
 
 HONOURED = [
-    dict(temperature=0, max_tokens=8, ignore_eos=True),
-    dict(temperature=0, max_tokens=8, min_tokens=8),
-    dict(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
-    dict(temperature=0, max_tokens=8, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5),
-    dict(temperature=1.0, max_tokens=8, ignore_eos=True, top_k=5, seed=7),
-    dict(temperature=1.0, max_tokens=8, ignore_eos=True, min_p=0.2, seed=3),
-    dict(temperature=0.8, max_tokens=8, ignore_eos=True, top_p=0.5, seed=11, n=3),
-    dict(temperature=0, max_tokens=8, ignore_eos=True, skip_special_tokens=False),
-    dict(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+    {"temperature": 0, "max_tokens": 8, "ignore_eos": True},
+    {"temperature": 0, "max_tokens": 8, "min_tokens": 8},
+    {"temperature": 0, "max_tokens": 8, "ignore_eos": True, "repetition_penalty": 1.3},
+    {"temperature": 0, "max_tokens": 8, "ignore_eos": True, "presence_penalty": 1.0, "frequency_penalty": 0.5},
+    {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True, "top_k": 5, "seed": 7},
+    {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True, "min_p": 0.2, "seed": 3},
+    {"temperature": 0.8, "max_tokens": 8, "ignore_eos": True, "top_p": 0.5, "seed": 11, "n": 3},
+    {"temperature": 0, "max_tokens": 8, "ignore_eos": True, "skip_special_tokens": False},
+    {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 3},
 ]
 _STANDARD = {"temperature", "max_tokens", "top_p", "seed", "n", "presence_penalty", "frequency_penalty",
              "logprobs"}
@@ -105,9 +105,9 @@ def test_chat_template_fields(client, tiny_chat_llm):
     tok = tiny_chat_llm.get_tokenizer()
     msgs = [{"role": "user", "content": "Name a colour."}]
     cases = [
-        ({}, dict(add_generation_prompt=True)),
-        ({"add_generation_prompt": False}, dict(add_generation_prompt=False)),
-        ({"chat_template_kwargs": {"unused_flag": True}}, dict(add_generation_prompt=True)),
+        ({}, {"add_generation_prompt": True}),
+        ({"add_generation_prompt": False}, {"add_generation_prompt": False}),
+        ({"chat_template_kwargs": {"unused_flag": True}}, {"add_generation_prompt": True}),
     ]
     for extra, render_kw in cases:
         expected = _greedy_ids(tiny_chat_llm, _render(tok, msgs, **render_kw), 6)

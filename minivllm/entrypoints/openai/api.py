@@ -25,7 +25,13 @@ import minivllm
 from minivllm.engine.core_client import EngineDeadError
 from minivllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from minivllm.entrypoints.openai.middleware import RequestGuard
-from minivllm.entrypoints.openai.protocol import DetokenizeRequest, RequestError, TokenizeRequest, error_body, parse_request
+from minivllm.entrypoints.openai.protocol import (
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    error_body,
+    parse_request,
+)
 from minivllm.entrypoints.openai.serving import (
     OpenAIServing,
     engine_dead_error,

@@ -10,7 +10,8 @@ is bounded to int64 where it enters, so nothing a client sends can overflow furt
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

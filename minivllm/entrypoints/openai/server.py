@@ -24,7 +24,11 @@ from typing import Any
 import uvicorn
 
 from minivllm.entrypoints.openai.api import build_app
-from minivllm.entrypoints.openai.connections import GuardedH11Protocol, RateLimitedLog, install_repeat_filter
+from minivllm.entrypoints.openai.connections import (
+    GuardedH11Protocol,
+    RateLimitedLog,
+    install_repeat_filter,
+)
 from minivllm.entrypoints.openai.metrics import ServerMetrics, StatsLogger
 from minivllm.entrypoints.openai.serving import OpenAIServing
 from minivllm.entrypoints.openai.settings import ServerSettings
@@ -121,8 +125,8 @@ class OpenAIServer:
                 next_log = time.monotonic() + s.log_stats_interval_s
                 try:
                     stats_logger.log(await self.engine.stats(timeout_s=s.log_stats_interval_s))
-                except Exception:
-                    pass  # a dead or hung core shows up in /health and the poll above
+                except Exception as e:  # a dead or hung core shows up in /health and the poll above
+                    logger.debug("no engine stats for the log line: %r", e)
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Drain (up to ``drain_timeout_s``, default ``shutdown_timeout_s``; see module

@@ -180,8 +180,8 @@ class OpenAIServing:
             for rid in adm.request_ids:
                 try:
                     await self.engine.abort(rid)
-                except Exception:  # a dead engine has nothing left to abort
-                    pass
+                except Exception as e:  # a dead engine has nothing left to abort
+                    logger.debug("abort of %s at shutdown failed: %r", rid, e)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
