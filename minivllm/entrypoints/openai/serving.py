@@ -23,6 +23,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from minivllm.engine.core_client import EngineDeadError
+
+try:
+    from minivllm.engine.stream import RequestFailedError
+except ImportError:  # an engine without request-scoped failures: nothing will raise it
+
+    class RequestFailedError(RuntimeError):  # type: ignore[no-redef]
+        """Stand-in for ``minivllm.engine.stream.RequestFailedError``."""
 from minivllm.entrypoints.openai import responses
 from minivllm.entrypoints.openai.metrics import ServerMetrics
 from minivllm.entrypoints.openai.prompts import Prompt, PromptPreparer
@@ -63,9 +70,23 @@ def public_message(e: BaseException, fallback: str) -> str:
 
 
 def engine_dead_error(e: BaseException) -> RequestError:
-    logger.error("engine core is not available: %s", e)
+    logger.error("engine core is not available: %s", getattr(e, "detail", None) or e)
     return RequestError(f"the engine is not available: {public_message(e, 'engine core failed')}",
                         503, "server_error")
+
+
+def engine_error(e: BaseException) -> RequestError | None:
+    """The HTTP error for what the engine raised about one request (None: not the engine's)."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return engine_dead_error(e)
+    if isinstance(e, RequestFailedError):  # the engine failed this request alone
+        logger.warning("request failed in the engine: %s", e)
+        return RequestError(public_message(e, "the request failed in the engine"), 500, "server_error")
+    if isinstance(e, ValueError):  # the engine's own validation
+        return RequestError(public_message(e, "the engine refused the request"))
+    return None
 
 
 async def read_body(request: Request, settings: ServerSettings) -> bytes:
@@ -266,14 +287,12 @@ class OpenAIServing:
             # its health), so take every first output before committing to a status code.
             firsts = await _until_disconnect(request, asyncio.gather(
                 *(g.__anext__() for g in gens), return_exceptions=True))
-            for first in firsts:
-                if isinstance(first, EngineDeadError):
-                    raise engine_dead_error(first)
-            for first in firsts:
-                if isinstance(first, ValueError):
-                    raise RequestError(public_message(first, "the engine refused the request"))
-                if isinstance(first, BaseException):
-                    raise first
+            failures = [f for f in firsts if isinstance(f, BaseException)]
+            # A dead engine first: it explains every other failure.
+            failures.sort(key=lambda f: not isinstance(f, EngineDeadError))
+            for failure in failures:
+                err = engine_error(failure)
+                raise err if err is not None else failure
             if job.stream:
                 owned = False
                 return _EventStream(self._events(job, adm, firsts, gens, start), close_all)
@@ -282,12 +301,11 @@ class OpenAIServing:
             return self._final_response(job, adm, finals, start)
         except _ClientGone:
             return Response(status_code=499)  # nobody is listening; the engine requests were aborted
-        except (ValueError, EngineDeadError) as e:
-            if isinstance(e, RequestError):
+        except (ValueError, EngineDeadError, RequestFailedError) as e:
+            err = engine_error(e)
+            if err is e:
                 raise
-            if isinstance(e, EngineDeadError):
-                raise engine_dead_error(e) from None
-            raise RequestError(public_message(e, "the request failed in the engine")) from None
+            raise err from None
         finally:
             if owned:
                 await close_all()
@@ -323,7 +341,7 @@ class OpenAIServing:
                     await queue.put((i, out))
                     out = None if out.finished else await anext(gen, None)
                 await queue.put((i, None))
-            except (ValueError, EngineDeadError) as e:
+            except (ValueError, EngineDeadError, RequestFailedError) as e:
                 await queue.put((i, e))
 
         if job.chat:
@@ -370,12 +388,8 @@ class OpenAIServing:
             for i, p in enumerate(job.prompts):
                 self.metrics.observe_finished(len(p.token_ids), lengths[i], reasons[i], timing[i], True, start)
         if failed is not None:
-            if isinstance(failed, EngineDeadError):
-                err = engine_dead_error(failed)
-                yield _sse(error_body(str(err), "server_error", 503))
-            else:
-                yield _sse(error_body(public_message(failed, "the request failed in the engine"),
-                                      "invalid_request_error", 400))
+            err = engine_error(failed)
+            yield _sse(error_body(str(err), err.error_type, err.status))
         elif adm.expired and any(r == "abort" for rs in reasons for r in rs):
             yield _sse(error_body(SHUTTING_DOWN, "server_error", 503))
         elif job.include_usage:
