@@ -45,6 +45,7 @@ def error_body(message: str, error_type: str = "invalid_request_error", code: in
 
 
 def new_id(prefix: str) -> str:
+    """A fresh response / request id such as ``cmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
@@ -286,9 +287,13 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False, include_context=False)
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first["loc"] if not (isinstance(x, str) and "[" in x)]
-        field = loc[0] if loc else None
-        where = ".".join(loc)
+        loc = first["loc"]
+        # The field, then list indices; union member tags (``str``, ``list[int]``) say nothing.
+        field = str(loc[0]) if loc else None
+        where = (field or "") + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        if len(loc) > 1 and isinstance(loc[-1], str) and isinstance(first["loc"][0], str) \
+                and first.get("type") in ("extra_forbidden", "missing"):
+            where += f".{loc[-1]}"  # a nested object's field: name it
         message = f"{where}: {first['msg']}" if where else first["msg"]
         if first.get("type") == "model_type":
             message = "request body must be a JSON object"

@@ -12,6 +12,7 @@ from minivllm.outputs import CompletionOutput, RequestOutput
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
@@ -87,6 +88,7 @@ def completion_response(rid: str, model: str, outs: list[RequestOutput], tokeniz
 
 def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,
                   num_top_logprobs: int | None) -> dict[str, Any]:
+    """A whole chat completion; ``num_top_logprobs`` None when logprobs were not asked for."""
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": (chat_logprobs(c, tokenizer, num_top_logprobs)
                              if num_top_logprobs is not None else None),
@@ -98,6 +100,7 @@ def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,
 
 def completion_chunk(rid: str, model: str, created: int, index: int, c: CompletionOutput,
                      tokenizer: Any, prefix: str = "") -> dict[str, Any]:
+    """One streamed ``/v1/completions`` chunk for choice ``index``."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": prefix + c.text,
                          "logprobs": completion_logprobs(c, tokenizer),
@@ -107,6 +110,7 @@ def completion_chunk(rid: str, model: str, created: int, index: int, c: Completi
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
                finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
                stop_reason: int | str | None = None) -> dict[str, Any]:
+    """One streamed chat chunk for choice ``index`` (``delta``: role and / or content)."""
     choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
                               "finish_reason": finish_reason}
     if finish_reason is not None:

@@ -51,11 +51,13 @@ SHUTTING_DOWN = "the server is shutting down; the request was not completed"
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response."""
     # ensure_ascii: whatever text the engine produced, the bytes on the wire are valid UTF-8.
     return Response(json.dumps(payload).encode(), status, headers, media_type="application/json")
 
 
 def error_response(e: RequestError) -> Response:
+    """The OpenAI-style error response for ``e`` (``Retry-After`` on 429 / 503)."""
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     return json_response(error_body(str(e), e.error_type, e.status, e.param), e.status, headers)
 
@@ -177,6 +179,7 @@ class OpenAIServing:
         return len(self._admitted)
 
     def close(self) -> None:
+        """Stop the tokenizer thread."""
         self.prompts.close()
 
     # ---- admission and drain ------------------------------------------------------------------
@@ -205,12 +208,14 @@ class OpenAIServing:
                     logger.debug("abort of %s at shutdown failed: %r", rid, e)
 
     def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is absent or the served model's name."""
         if model is not None and model != self.served_model_name:
             raise RequestError(f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
                                404, "NotFoundError", "model")
 
     # ---- endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        """``POST /v1/completions``."""
         body = await read_body(request, self.settings)
         req: CompletionRequest = parse_request(CompletionRequest, body)
         req.check_refused()
@@ -234,6 +239,7 @@ class OpenAIServing:
             raise
 
     async def chat(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
         body = await read_body(request, self.settings)
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         req.check_refused()
