@@ -94,6 +94,9 @@ class RequestGuard:
                 await send_error(send_logged, code, message, error_type, headers)
             else:
                 await self.app(scope, receive, send_logged)
+        except Exception:
+            status[0] = status[0] or 500  # a bug: the outermost handler answers 500
+            raise
         finally:
             if self.settings.access_log:
                 client = scope.get("client")

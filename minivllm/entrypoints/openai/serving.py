@@ -140,7 +140,6 @@ class _Admission:
 
     request_ids: list[str] = field(default_factory=list)
     expired: bool = False
-    released: bool = False
 
 
 @dataclass
@@ -194,8 +193,7 @@ class OpenAIServing:
         return adm
 
     def _release(self, adm: _Admission) -> None:
-        adm.released = True
-        self._admitted.discard(adm)
+        self._admitted.discard(adm)  # idempotent: error paths may release twice
 
     async def expire_all(self) -> None:
         """Drain's grace period is over: abort every admitted request (see module docstring)."""
