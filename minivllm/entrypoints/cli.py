@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
+
+from minivllm.entrypoints.openai.settings import ServerSettings
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -47,28 +48,102 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_settings(args: argparse.Namespace) -> ServerSettings:
+    template = None
+    if args.chat_template is not None:
+        from pathlib import Path
+
+        path = Path(args.chat_template)
+        template = path.read_text() if path.is_file() else args.chat_template
+    return ServerSettings(
+        api_key=args.api_key, allowed_origins=tuple(args.allowed_origins or ()),
+        max_concurrent_requests=args.max_concurrent_requests, max_n=args.max_n,
+        max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars,
+        max_request_body_bytes=args.max_request_body_bytes, max_open_connections=args.max_open_connections,
+        timeout_request_read_s=args.timeout_request_read, timeout_keep_alive_s=args.timeout_keep_alive,
+        shutdown_timeout_s=args.shutdown_timeout, log_stats_interval_s=args.log_stats_interval,
+        access_log=not args.disable_access_log, chat_template=template)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Open connections need descriptors: lift the soft limit toward the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = min(hard, max(soft, wanted + 256)) if hard != resource.RLIM_INFINITY else max(soft, wanted + 256)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
+    import os
 
     from minivllm import AsyncLLM
-    from minivllm.entrypoints.openai.server import serve
 
+    try:
+        from minivllm.entrypoints.openai.server import serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
+                         "pip install 'minivllm[serve]'") from None
+    if args.model_pos is not None:
+        if args.model is not None and args.model != args.model_pos:
+            raise ValueError("give the model once: positionally or with --model")
+        args.model = args.model_pos
+    settings = _server_settings(args)  # bad flags fail before the engine loads
+    if os.environ.get("MINIVLLM_API_KEY") and settings.api_key is None:
+        from dataclasses import replace
+
+        settings = replace(settings, api_key=os.environ["MINIVLLM_API_KEY"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_fd_limit(settings.max_open_connections)
     engine = AsyncLLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                       max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                       enforce_eager=args.enforce_eager, seed=args.seed)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
-
-    def on_sigterm(signum, frame):  # a supervisor's stop: shut down like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        asyncio.run(serve(engine, name, args.host, args.port))
-    except KeyboardInterrupt:
-        pass
+        return asyncio.run(serve(engine, name, args.host, args.port, settings))
     finally:
         engine.shutdown()
-    return 0
+
+
+def _add_serve_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    s.add_argument("--served-model-name", default=None,
+                   help="model name in the API (default: --model, or smollm2-135m-instruct)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on all but /health and /ping "
+                        "(or set MINIVLLM_API_KEY)")
+    s.add_argument("--allowed-origins", nargs="*", default=None, metavar="ORIGIN",
+                   help="CORS: origins allowed to call the API from a browser (default: none)")
+    s.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    d = ServerSettings()
+    s.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="generation requests in flight; more get 429 (default %(default)s)")
+    s.add_argument("--max-n", type=int, default=d.max_n, help="largest n per request (default %(default)s)")
+    s.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request,
+                   help="largest batch of prompts in one /v1/completions request (default %(default)s)")
+    s.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="longest prompt in characters, checked before tokenizing (default 32 x max_model_len)")
+    s.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="largest request body; more get 413 (default %(default)s)")
+    s.add_argument("--max-open-connections", type=int, default=d.max_open_connections,
+                   help="open client connections; more are refused with 503 (default %(default)s)")
+    s.add_argument("--timeout-request-read", type=float, default=d.timeout_request_read_s, metavar="SECONDS",
+                   help="a request's head and body must arrive within this (default %(default)s)")
+    s.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive_s, metavar="SECONDS",
+                   help="idle connections are closed after this (default %(default)s)")
+    s.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s, metavar="SECONDS",
+                   help="on SIGTERM, in-flight requests may finish within this (default %(default)s)")
+    s.add_argument("--log-stats-interval", type=float, default=d.log_stats_interval_s, metavar="SECONDS",
+                   help="period of the throughput / KV-use log line (default %(default)s)")
+    s.add_argument("--disable-access-log", action="store_true", help="no log line per request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_engine_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None,
-                   help="model name in the API (default: --model, or smollm2-135m-instruct)")
+    _add_serve_args(s)
     s.set_defaults(func=_serve)
     return parser
 

@@ -6,7 +6,6 @@ the tiny random qwen3 (token-id prompts, no tokenizer) and the embedded SmolLM2 
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import threading
@@ -15,31 +14,18 @@ import time
 import pytest
 
 from minivllm import LLM, AsyncLLM, SamplingParams
-from minivllm.entrypoints.openai.server import OpenAIServer
 from tests.conftest import random_prompts
+from tests.server.helpers import ServerThread, request, stream
 
 SMOL_NAME = "smollm2-135m-instruct"
 TINY_NAME = "tiny-qwen3"
 
 
-class _ServerThread:
-    """An OpenAIServer on its own event loop in a daemon thread."""
-
-    def __init__(self, engine: AsyncLLM, name: str) -> None:
-        self.engine = engine
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = OpenAIServer(engine, name)
-        _, self.port = self.call(self.server.start("127.0.0.1", 0))
-
-    def call(self, coro, timeout_s: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+class _ServerThread(ServerThread):
+    """A server that owns its engine (shut down with it)."""
 
     def stop(self) -> None:
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().stop()
         self.engine.shutdown()
 
 
@@ -62,34 +48,8 @@ def smol_server(smollm_dir):
     srv.stop()
 
 
-def _request(port: int, method: str, path: str, body=None, raw: bytes | None = None,
-             timeout_s: float = 60.0) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
-def _stream(port: int, path: str, body: dict) -> list[str]:
-    """The ``data:`` payloads of an SSE response, in order."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", path, body=json.dumps({**body, "stream": True}),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200
-        assert resp.getheader("Content-Type") == "text/event-stream"
-        text = resp.read().decode()
-    finally:
-        conn.close()
-    events = [e for e in text.split("\n\n") if e]
-    assert all(e.startswith("data: ") for e in events), events
-    return [e[len("data: "):] for e in events]
+_request = request
+_stream = stream
 
 
 def test_health_and_models(tiny_server):
@@ -132,7 +92,7 @@ def test_batched_prompts_non_streaming_and_streaming(tiny_server, tiny_reference
     # One bad prompt in a batch: 400, and the good ones do not linger in the engine.
     bad = {**body, "prompt": [prompts[0], [1] * 600]}
     status, resp = _request(tiny_server.port, "POST", "/v1/completions", bad)
-    assert status == 400 and "max_model_len" in resp["error"]["message"]
+    assert status == 400 and "maximum context length" in resp["error"]["message"]
     stats = tiny_server.call(tiny_server.engine.stats())
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
 
@@ -250,12 +210,15 @@ def test_client_disconnect_mid_stream_aborts_the_request(smol_server):
 def test_health_is_503_when_the_engine_core_is_dead():
     from minivllm import EngineDeadError
 
+    reason = ('engine core failed:\nTraceback (most recent call last):\n  File "/srv/minivllm/engine/core.py", '
+              'line 1, in step\nRuntimeError: boom')
+
     class DeadEngine:  # only what /health and /v1/models touch
         max_model_len = 16
         tokenizer = None
 
         async def check_health(self) -> None:
-            raise EngineDeadError("engine core exited")
+            raise EngineDeadError(reason)
 
         def shutdown(self) -> None:
             pass
@@ -263,6 +226,8 @@ def test_health_is_503_when_the_engine_core_is_dead():
     srv = _ServerThread(DeadEngine(), "dead")  # type: ignore[arg-type]
     try:
         status, body = _request(srv.port, "GET", "/health")
-        assert status == 503 and "engine core exited" in body["error"]["message"]
+        assert status == 503 and "engine core failed" in body["error"]["message"]
+        assert "Traceback" not in json.dumps(body) and ".py" not in json.dumps(body)  # logged, not sent
+        assert _request(srv.port, "GET", "/v1/models")[0] == 200
     finally:
         srv.stop()

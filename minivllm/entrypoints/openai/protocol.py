@@ -1,28 +1,30 @@
-"""OpenAI wire format: request bodies → engine inputs, engine outputs → response JSON.
+"""OpenAI / vLLM request bodies as pydantic models, and the rule that every field is honoured or refused.
 
-Kept free of I/O so the mapping can be read (and tested) on its own. Unknown request fields
-are ignored, as OpenAI clients send many we have no use for (``user``, ``store``, ...);
-known fields with bad values raise ``RequestError`` → HTTP 400.
+A model declares exactly the fields we implement. Anything else in the body lands in
+``model_extra``: if the OpenAI or vLLM API defines it (``REFUSED_*`` below) and it asks for
+something, the request gets 400 naming the field; a field neither API defines is ignored, as
+OpenAI does. Parsing is strict (``true`` is not ``1``, ``"1"`` is not ``1``) and every integer
+is bounded to int64 where it enters, so nothing a client sends can overflow further down.
 """
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
-from minivllm.outputs import CompletionOutput, RequestOutput
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from minivllm.sampling_params import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+PositiveInt64 = Annotated[int, Field(ge=1, le=INT64_MAX)]
+NonNegInt64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 # OpenAI's default for /v1/completions is 16; chat has no cap (None = up to max_model_len).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
-
-# Request field → SamplingParams field, for the ones that pass straight through.
-_PASSTHROUGH = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
-                "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output")
+MAX_LOGPROBS = 20
 
 
 class RequestError(ValueError):
@@ -42,207 +44,257 @@ def error_body(message: str, error_type: str = "invalid_request_error", code: in
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or RequestError."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from e
-    if not isinstance(payload, dict):
-        raise RequestError("request body must be a JSON object")
-    return payload
-
-
 def new_id(prefix: str) -> str:
+    """A fresh response / request id such as ``cmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-@dataclass
-class ParsedRequest:
-    """What the server hands the engine for one completions / chat request."""
-
-    prompt: Any  # str or list of token ids (completions); None for chat
-    messages: list[dict[str, Any]] | None
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    chat_logprobs: bool  # chat: return logprobs in chat format
-    prompts: list[Any] | None = None  # completions with a batch of prompts (then prompt is None)
+# ---- refused fields ---------------------------------------------------------------------------
+def _falsy(v: Any) -> bool:
+    return v is None or v is False or v == [] or v == {} or v == ""
 
 
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+def _refuse(why: str, inert: Callable[[Any], bool] = _falsy) -> tuple[Callable[[Any], bool], str]:
+    return inert, why
 
 
-def _sampling_params(body: dict[str, Any], max_tokens: Any, logprobs: Any) -> SamplingParams:
-    for name in _BOOL_FIELDS:  # SamplingParams would take any truthy value here
-        if body.get(name) is not None and not isinstance(body[name], bool):
-            raise RequestError(f"{name} must be a boolean, got {body[name]!r}", param=name)
-    kwargs = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
-    kwargs["max_tokens"] = max_tokens
-    kwargs["logprobs"] = logprobs
-    try:
-        return SamplingParams(**kwargs)
-    except TypeError as e:  # e.g. a JSON object where a number belongs, caught late
-        raise RequestError(f"bad sampling parameters: {e}") from e
-    except ValueError as e:
-        raise RequestError(str(e)) from e
+_STRUCTURED = "structured output is not supported yet"
+_COMMON_REFUSED = {
+    "logit_bias": _refuse("logit_bias is not supported"),
+    "response_format": _refuse(_STRUCTURED, lambda v: _falsy(v) or v == {"type": "text"}),
+    "structured_outputs": _refuse(_STRUCTURED),
+    "guided_json": _refuse(_STRUCTURED),
+    "guided_regex": _refuse(_STRUCTURED),
+    "guided_choice": _refuse(_STRUCTURED),
+    "guided_grammar": _refuse(_STRUCTURED),
+    "guided_decoding_backend": _refuse(_STRUCTURED),
+    "guided_whitespace_pattern": _refuse(_STRUCTURED),
+    "prompt_logprobs": _refuse("prompt_logprobs is not supported (the engine computes no prompt logprobs)"),
+    "use_beam_search": _refuse("beam search is not supported"),
+    "length_penalty": _refuse("length_penalty (beam search) is not supported", lambda v: v in (None, 1, 1.0)),
+    "allowed_token_ids": _refuse("allowed_token_ids is not supported"),
+    "bad_words": _refuse("bad_words is not supported"),
+    "logits_processors": _refuse("logits_processors are not supported"),
+    "spaces_between_special_tokens": _refuse("spaces_between_special_tokens=false is not supported",
+                                             lambda v: v is None or v is True),
+    "return_tokens_as_token_ids": _refuse("return_tokens_as_token_ids is not supported"),
+    "prompt_embeds": _refuse("prompt_embeds are not supported"),
+    "priority": _refuse("request priorities are not supported", lambda v: v in (None, 0)),
+    "request_id": _refuse("client-chosen request ids are not supported"),
+    "kv_transfer_params": _refuse("kv_transfer_params are not supported"),
+    "vllm_xargs": _refuse("vllm_xargs are not supported"),
+    "cache_salt": _refuse("cache_salt is not supported"),
+    "lora_request": _refuse("LoRA adapters are not supported"),
+    "mm_processor_kwargs": _refuse("multimodal inputs are not supported"),
+}
+REFUSED_COMPLETION_FIELDS = {
+    **_COMMON_REFUSED,
+    "suffix": _refuse("suffix (fill-in-the-middle) is not supported"),
+}
+REFUSED_CHAT_FIELDS = {
+    **_COMMON_REFUSED,
+    "tools": _refuse("tools / function calling is not supported yet"),
+    "tool_choice": _refuse("tools / function calling is not supported yet", lambda v: v in (None, "none")),
+    "functions": _refuse("functions / function calling is not supported"),
+    "function_call": _refuse("functions / function calling is not supported", lambda v: v in (None, "none")),
+    "audio": _refuse("audio output is not supported"),
+    "modalities": _refuse("only text output is supported", lambda v: v in (None, ["text"])),
+    "prediction": _refuse("predicted outputs are not supported"),
+    "web_search_options": _refuse("web search is not supported"),
+    "documents": _refuse("documents (RAG templates) are not supported"),
+    "chat_template": _refuse("a per-request chat_template is not supported; start the server "
+                             "with --chat-template"),
+    "echo": _refuse("echo is not supported for chat completions"),
+    "reasoning_effort": _refuse("reasoning_effort is not supported"),
+}
 
 
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("stream_options must be an object", param="stream_options")
-    return stream, bool(options.get("include_usage", False))
+class StreamOptions(BaseModel):
+    """``stream_options``: only ``include_usage`` is implemented."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-def _check_prompt(prompt: Any) -> None:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise RequestError("prompt must not be empty", param="prompt")
-    elif isinstance(prompt, list):
-        if not prompt:
-            raise RequestError("prompt must not be empty", param="prompt")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("prompt must be a string, a list of token ids, or a list of "
-                               "either (a batch)", param="prompt")
-    else:
-        raise RequestError("prompt must be a string or a list of token ids", param="prompt")
+class _Request(BaseModel):
+    """Fields and parsing rules shared by completions and chat."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: PositiveInt64 = 1
+    best_of: PositiveInt64 | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: Int64 | None = None
+    min_p: float | None = None
+    seed: Int64 | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Int64] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: NonNegInt64 | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    add_special_tokens: bool | None = None
+    truncate_prompt_tokens: PositiveInt64 | None = None
+
+    refused_fields: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def check_refused(self) -> None:
+        """400 for a known API field we do not implement, when it asks for something."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of different from n is not supported", param="best_of")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
+        for name, value in (self.model_extra or {}).items():
+            rule = self.refused_fields.get(name)
+            if rule is not None and not rule[0](value):
+                raise RequestError(f"'{name}' is not supported: {rule[1]}", param=name)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's view of this request (ValueError → 400 for out-of-range values)."""
+        names = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
+                 "min_tokens", "skip_special_tokens", "include_stop_str_in_output")
+        kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        except (TypeError, OverflowError) as e:
+            raise RequestError(f"bad sampling parameters: {e}") from e
+        except ValueError as e:
+            raise RequestError(str(e)) from e
 
 
-def parse_completion_request(body: dict[str, Any]) -> ParsedRequest:
-    """``/v1/completions``: prompt is a string, a list of token ids, or a batch (a list of
-    either); a batch's choices are numbered prompt by prompt (``i * n + j``)."""
-    if "prompt" not in body:
-        raise RequestError("missing required field 'prompt'", param="prompt")
-    prompt = body["prompt"]
-    prompts = None
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) == 1:
-            prompt = prompt[0]  # a batch of one, as some clients always send
+class CompletionRequest(_Request):
+    """``POST /v1/completions``. ``prompt``: a string, a list of token ids, or a batch of either."""
+
+    prompt: Any = None
+    max_tokens: PositiveInt64 | None = DEFAULT_COMPLETION_MAX_TOKENS
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+
+    refused_fields: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = REFUSED_COMPLETION_FIELDS
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request, validated in shape (one for a single prompt)."""
+        p = self.prompt
+        if p is None:
+            raise RequestError("missing required field 'prompt'", param="prompt")
+        if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+            prompts = list(p)
         else:
-            prompts = list(prompt)
-            for p in prompts:
-                _check_prompt(p)
-            prompt = None
-    if prompts is None:
-        _check_prompt(prompt)
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
-        raise RequestError("logprobs must be an integer for /v1/completions", param="logprobs")
-    max_tokens = body.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS)
-    stream, include_usage = _stream_flags(body)
-    return ParsedRequest(prompt, None, _sampling_params(body, max_tokens, logprobs), stream,
-                         include_usage, chat_logprobs=False, prompts=prompts)
+            prompts = [p]
+        for x in prompts:
+            if isinstance(x, str):
+                if not x:
+                    raise RequestError("prompt must not be empty", param="prompt")
+            elif isinstance(x, list):
+                if not x:
+                    raise RequestError("prompt must not be empty", param="prompt")
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                    raise RequestError("prompt must be a string, a list of token ids, or a list of "
+                                       "either (a batch)", param="prompt")
+            else:
+                raise RequestError("prompt must be a string or a list of token ids", param="prompt")
+        return prompts
+
+    def check_refused(self) -> None:
+        super().check_refused()
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo with logprobs needs prompt logprobs, which are not supported",
+                               param="echo")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise RequestError("continuous_usage_stats is not supported", param="stream_options")
 
 
-def parse_chat_request(body: dict[str, Any]) -> ParsedRequest:
-    """``/v1/chat/completions``: OpenAI messages; ``max_completion_tokens`` wins over ``max_tokens``."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list", param="messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError("each message must be an object with a 'role'", param="messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    want_logprobs = body.get("logprobs", False)
-    if not isinstance(want_logprobs, bool):
-        raise RequestError("logprobs must be a boolean for chat; use top_logprobs for N",
-                           param="logprobs")
-    top = body.get("top_logprobs")
-    logprobs = (top if top is not None else 0) if want_logprobs else None
-    stream, include_usage = _stream_flags(body)
-    return ParsedRequest(None, messages, _sampling_params(body, max_tokens, logprobs), stream,
-                         include_usage, chat_logprobs=want_logprobs)
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``: OpenAI messages; ``max_completion_tokens`` wins over ``max_tokens``."""
+
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    max_tokens: PositiveInt64 | None = None
+    max_completion_tokens: PositiveInt64 | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    refused_fields: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = REFUSED_CHAT_FIELDS
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """What the engine should return: top-N plus the sampled token, or None."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def check_refused(self) -> None:
+        super().check_refused()
+        if not self.messages:
+            raise RequestError("messages must be a non-empty list", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise RequestError("continue_final_message and add_generation_prompt cannot both be true "
+                               "(set add_generation_prompt=false)", param="continue_final_message")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise RequestError("continuous_usage_stats is not supported", param="stream_options")
 
 
-# ---- responses ------------------------------------------------------------------------------
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: a ``prompt`` or chat ``messages`` (rendered through the template)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
 
 
-def _token_str(tokenizer: Any, token_id: int) -> str:
-    if tokenizer is None:
-        return f"token_id:{token_id}"
-    return tokenizer.decode([token_id])
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    tokens: list[NonNegInt64]
 
 
-def completion_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] | None:
-    """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs)."""
-    if c.logprobs is None:
-        return None
-    tokens, token_lps, tops = [], [], []
-    for tid, lps in zip(c.token_ids, c.logprobs):
-        tokens.append(_token_str(tokenizer, tid))
-        token_lps.append(lps.get(tid))
-        tops.append({_token_str(tokenizer, t): lp for t, lp in lps.items()})
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops}
-
-
-def chat_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] | None:
-    """The chat logprobs object: ``{"content": [{token, logprob, top_logprobs}]}``."""
-    if c.logprobs is None:
-        return None
-    content = []
-    for tid, lps in zip(c.token_ids, c.logprobs):
-        content.append({"token": _token_str(tokenizer, tid), "logprob": lps.get(tid),
-                        "top_logprobs": [{"token": _token_str(tokenizer, t), "logprob": lp}
-                                         for t, lp in lps.items() if t != tid]})
-    return {"content": content}
-
-
-def completion_response(rid: str, model: str, out: RequestOutput, tokenizer: Any) -> dict[str, Any]:
-    choices = [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c, tokenizer),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                "token_ids": c.token_ids} for c in out.outputs]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices,
-            "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
-
-
-def completion_batch_response(rid: str, model: str, outs: list[RequestOutput], tokenizer: Any,
-                              n: int) -> dict[str, Any]:
-    """One response for a batch of prompts: prompt ``i``'s choice ``j`` has index ``i * n + j``."""
-    choices = [{"index": i * n + c.index, "text": c.text, "logprobs": completion_logprobs(c, tokenizer),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_ids": c.token_ids}
-               for i, out in enumerate(outs) for c in out.outputs]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices,
-            "usage": usage(sum(len(o.prompt_token_ids) for o in outs),
-                           sum(len(c.token_ids) for o in outs for c in o.outputs))}
-
-
-def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,
-                  with_logprobs: bool) -> dict[str, Any]:
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c, tokenizer) if with_logprobs else None,
-                "finish_reason": c.finish_reason} for c in out.outputs]
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices,
-            "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
-
-
-def completion_chunk(rid: str, model: str, created: int, c: CompletionOutput, tokenizer: Any,
-                     ) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c.index, "text": c.text,
-                         "logprobs": completion_logprobs(c, tokenizer),
-                         "finish_reason": c.finish_reason}]}
-
-
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
-               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
-               ) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
-
-
-def usage_chunk(rid: str, obj: str, model: str, created: int, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
-    """The last chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Parse and validate a JSON body into ``model``; RequestError (400) naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False, include_context=False)
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = first["loc"]
+        # The field, then list indices; union member tags (``str``, ``list[int]``) say nothing.
+        field = str(loc[0]) if loc else None
+        where = (field or "") + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        if len(loc) > 1 and isinstance(loc[-1], str) and isinstance(first["loc"][0], str) \
+                and first.get("type") in ("extra_forbidden", "missing"):
+            where += f".{loc[-1]}"  # a nested object's field: name it
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        if first.get("type") == "model_type":
+            message = "request body must be a JSON object"
+        raise RequestError(message, param=field) from None

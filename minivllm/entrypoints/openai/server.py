@@ -1,344 +1,185 @@
-"""OpenAI-compatible HTTP server over ``AsyncLLM`` (standard library only).
+"""OpenAIServer: the FastAPI app on uvicorn, its lifecycle, and watching the engine.
 
-    GET  /health                → 200 {} (503 once the engine core is dead)
-    GET  /v1/models             → the served model
-    POST /v1/completions        → text completion, optionally streamed (SSE)
-    POST /v1/chat/completions   → chat completion, optionally streamed (SSE)
+    server = OpenAIServer(engine, "my-model", ServerSettings(api_key="..."))
+    host, port = await server.start("127.0.0.1", 8000)
+    reason = await server.wait()          # a shutdown request (SIGTERM) or a dead engine
+    await server.shutdown()               # drain, then stop
 
-One connection carries one request (``Connection: close``). While a completion runs, the
-server also watches the socket: when the client goes away the handler task is cancelled,
-which makes ``AsyncLLM``'s generator abort the request and free its KV blocks. A bad request
-is answered with 4xx and touches nothing else.
+Shutdown drains: new connections are refused and new requests get 503, in-flight requests may
+finish within ``shutdown_timeout_s``; then what is left is aborted (streams get an error event
+and ``[DONE]``, others 503) and uvicorn closes the connections. A dead engine core ends
+``wait()`` at once, so that ``minivllm serve`` exits non-zero and a supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import functools
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from minivllm.engine.async_llm import AsyncLLM, EngineDeadError
-from minivllm.entrypoints.openai import protocol
-from minivllm.entrypoints.openai.http import (
-    HTTPError,
-    HTTPRequest,
-    read_request,
-    start_event_stream,
-    write_event,
-    write_json,
+import uvicorn
+
+from minivllm.entrypoints.openai.api import build_app
+from minivllm.entrypoints.openai.connections import (
+    GuardedH11Protocol,
+    RateLimitedLog,
+    install_repeat_filter,
 )
-from minivllm.entrypoints.openai.protocol import ParsedRequest, RequestError, error_body
-from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.entrypoints.openai.metrics import ServerMetrics, StatsLogger
+from minivllm.entrypoints.openai.serving import OpenAIServing
+from minivllm.entrypoints.openai.settings import ServerSettings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("minivllm.server")
 
-Handler = Callable[[HTTPRequest, asyncio.StreamWriter], Awaitable[None]]
+SHUTDOWN_REQUESTED = "shutdown requested"
+ENGINE_DEAD = "engine core died"
+_EXPIRED_GRACE_S = 5.0  # after aborting leftovers: time for their error events to go out
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: SIGTERM means drain here, which uvicorn's
+    handler (stop at once, then wait or cancel) cannot do."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
 
 
 class OpenAIServer:
-    """Serves one ``AsyncLLM`` under one model name. Runs on the caller's event loop."""
+    """Serves one ``AsyncLLM`` under one model name, on the caller's event loop."""
 
-    def __init__(self, engine: AsyncLLM, served_model_name: str) -> None:
+    def __init__(self, engine: Any, served_model_name: str, settings: ServerSettings | None = None) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
-        self._routes: dict[str, dict[str, Handler]] = {
-            "/health": {"GET": self._health},
-            "/v1/models": {"GET": self._models},
-            "/v1/completions": {"POST": self._completions},
-            "/v1/chat/completions": {"POST": self._chat},
-        }
+        self.settings = settings or ServerSettings()
+        self.metrics = ServerMetrics()
+        self.serving = OpenAIServing(engine, served_model_name, self.settings, self.metrics)
+        self.app = build_app(self.serving, self.metrics)
+        self._uvicorn: _Uvicorn | None = None
+        self._serve_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._stop: asyncio.Event | None = None
+        self.stop_reason: str | None = None
+        self._shutdown_done = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 8000) -> tuple[str, int]:
-        """Listen on ``host:port`` (port 0: any free port); returns the bound address."""
-        self._server = await asyncio.start_server(self._on_connection, host, port)
-        bound = self._server.sockets[0].getsockname()
+        """Listen on ``host:port`` (port 0: any free port) and serve in the background;
+        returns the bound address once requests are being accepted."""
+        s = self.settings
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False, backlog=2048)
+        bound = sock.getsockname()
+        protocol = functools.partial(GuardedH11Protocol, max_connections=s.max_open_connections,
+                                     timeout_request_read_s=s.timeout_request_read_s, log=RateLimitedLog())
+        config = uvicorn.Config(self.app, http=protocol, lifespan="off", access_log=False, log_config=None,
+                                timeout_keep_alive=s.timeout_keep_alive_s,  # type: ignore[arg-type]
+                                timeout_graceful_shutdown=int(_EXPIRED_GRACE_S),
+                                server_header=False, proxy_headers=False,
+                                h11_max_incomplete_event_size=64 * 1024)
+        install_repeat_filter()
+        self._uvicorn = _Uvicorn(config)
+        self._stop = asyncio.Event()
+        self._serve_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._serve_task.done():
+                self._serve_task.result()  # raises what failed
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self._watch_task = asyncio.ensure_future(self._watch())
         return bound[0], bound[1]
 
-    async def serve_forever(self) -> None:
-        if self._server is None:
+    def request_shutdown(self) -> None:
+        """Ask ``wait()`` to return (safe to call from a signal handler on the loop)."""
+        self._finish(SHUTDOWN_REQUESTED)
+
+    def _finish(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
+    async def wait(self) -> str:
+        """Until a shutdown is requested or the engine core dies; returns which."""
+        if self._stop is None:
             raise RuntimeError("call start() first")
-        await self._server.serve_forever()
+        await self._stop.wait()
+        return self.stop_reason or SHUTDOWN_REQUESTED
+
+    async def _watch(self) -> None:
+        """Poll the engine (it dies without telling the event loop) and log stats now and then."""
+        s = self.settings
+        stats_logger = StatsLogger(self.metrics, logger)
+        next_log = time.monotonic() + s.log_stats_interval_s
+        while True:
+            await asyncio.sleep(s.engine_poll_interval_s)
+            if getattr(self.engine, "errored", False):
+                logger.error("the engine core died; stopping the server")
+                self._finish(ENGINE_DEAD)
+                return
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + s.log_stats_interval_s
+                try:
+                    stats_logger.log(await self.engine.stats(timeout_s=s.log_stats_interval_s))
+                except Exception as e:  # a dead or hung core shows up in /health and the poll above
+                    logger.debug("no engine stats for the log line: %r", e)
+
+    async def shutdown(self, drain_timeout_s: float | None = None) -> None:
+        """Drain (up to ``drain_timeout_s``, default ``shutdown_timeout_s``; see module
+        docstring), then stop the HTTP server. Does not stop the engine."""
+        if self._shutdown_done or self._uvicorn is None:
+            return
+        self._shutdown_done = True
+        self._finish(SHUTDOWN_REQUESTED)
+        timeout = self.settings.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s
+        serving, uv = self.serving, self._uvicorn
+        serving.draining = True
+        for srv in getattr(uv, "servers", []):
+            srv.close()  # no new connections; open ones get 503 for new requests
+        if self.stop_reason != ENGINE_DEAD and serving.num_in_flight:
+            logger.info("draining %d request(s) for up to %g s", serving.num_in_flight, timeout)
+        deadline = time.monotonic() + (timeout if self.stop_reason != ENGINE_DEAD else 0.0)
+        while serving.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if serving.num_in_flight:
+            logger.warning("aborting %d request(s) still running at shutdown", serving.num_in_flight)
+            await serving.expire_all()
+            deadline = time.monotonic() + _EXPIRED_GRACE_S
+            while serving.num_in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        uv.should_exit = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._serve_task is not None:
+            await asyncio.gather(self._serve_task, return_exceptions=True)
+        serving.close()
 
     async def close(self) -> None:
-        """Stop listening and cancel in-flight requests (their engine requests are aborted)."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    # ---- one connection -----------------------------------------------------------------------
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
-        try:
-            await self._serve_one(reader, writer)
-        except asyncio.CancelledError:
-            pass  # client gone or server closing; the engine request was aborted on the way out
-        except ConnectionError:
-            pass
-        except Exception:  # a bug in a handler must not take the server down
-            logger.exception("unhandled error while serving a request")
-            with contextlib.suppress(Exception):
-                await write_json(writer, 500, error_body("internal server error", "server_error", 500))
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await read_request(reader)
-        except HTTPError as e:
-            await write_json(writer, e.status, error_body(e.message, code=e.status))
-            return
-        methods = self._routes.get(request.path)
-        if methods is None:
-            await write_json(writer, 404, error_body(f"no route {request.path}", "NotFoundError", 404))
-            return
-        handler = methods.get(request.method)
-        if handler is None:
-            await write_json(writer, 405, error_body(f"method {request.method} not allowed on "
-                                                     f"{request.path}", code=405),
-                             {"Allow": ", ".join(methods)})
-            return
-        await _until_disconnect(handler(request, writer), reader)
-
-    # ---- endpoints ------------------------------------------------------------------------------
-    async def _health(self, request: HTTPRequest, writer: asyncio.StreamWriter) -> None:
-        try:
-            await self.engine.check_health()
-        except EngineDeadError as e:
-            await write_json(writer, 503, error_body(f"engine is dead: {e}", "server_error", 503))
-            return
-        await write_json(writer, 200, {})
-
-    async def _models(self, request: HTTPRequest, writer: asyncio.StreamWriter) -> None:
-        model = {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "minivllm",
-                 "max_model_len": self.engine.max_model_len}
-        await write_json(writer, 200, {"object": "list", "data": [model]})
-
-    async def _completions(self, request: HTTPRequest, writer: asyncio.StreamWriter) -> None:
-        await self._run(request, writer, chat=False)
-
-    async def _chat(self, request: HTTPRequest, writer: asyncio.StreamWriter) -> None:
-        await self._run(request, writer, chat=True)
-
-    # ---- generation ---------------------------------------------------------------------------
-    async def _run(self, request: HTTPRequest, writer: asyncio.StreamWriter, chat: bool) -> None:
-        try:
-            body = protocol.parse_json_body(request.body)
-            parsed = protocol.parse_chat_request(body) if chat else protocol.parse_completion_request(body)
-            model = body.get("model")
-            if model is not None and model != self.served_model_name:
-                raise RequestError(f"model {model!r} does not exist; this server serves "
-                                   f"{self.served_model_name!r}", 404, "NotFoundError", "model")
-        except RequestError as e:
-            await write_json(writer, e.status, error_body(str(e), e.error_type, e.status, e.param))
-            return
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-        if parsed.prompts is not None:
-            await self._run_batch(rid, parsed, writer)
-            return
-        kind = "delta" if parsed.stream else "final"
-        if chat:
-            outputs = self.engine.chat(parsed.messages, parsed.params, rid, output_kind=kind)
-        else:
-            outputs = self.engine.generate(parsed.prompt, parsed.params, rid, output_kind=kind)
-        try:
-            # Nothing is validated until the generator first runs (prompt length, chat template,
-            # engine health), so take the first output before committing to a status code.
-            try:
-                first = await outputs.__anext__()
-            except ValueError as e:
-                await write_json(writer, 400, error_body(str(e)))
-                return
-            except EngineDeadError as e:
-                await write_json(writer, 503, error_body(f"engine is dead: {e}", "server_error", 503))
-                return
-            if parsed.stream:
-                await self._stream(rid, chat, parsed, first, outputs, writer)
-            else:
-                final = first
-                async for final in outputs:
-                    pass
-                tok = self.engine.tokenizer
-                payload = (protocol.chat_response(rid, self.served_model_name, final, tok,
-                                                  parsed.chat_logprobs) if chat else
-                           protocol.completion_response(rid, self.served_model_name, final, tok))
-                await write_json(writer, 200, payload)
-        finally:
-            await outputs.aclose()  # no-op when finished; aborts the request otherwise
-
-    async def _run_batch(self, rid: str, parsed: ParsedRequest, writer: asyncio.StreamWriter) -> None:
-        """``/v1/completions`` with a list of prompts: one engine request per prompt, all at once."""
-        kind = "delta" if parsed.stream else "final"
-        gens = [self.engine.generate(p, parsed.params, f"{rid}-{i}", output_kind=kind)
-                for i, p in enumerate(parsed.prompts)]
-        try:
-            # As for one prompt: every prompt is validated (first output) before the status code.
-            firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
-            for first in firsts:
-                if isinstance(first, EngineDeadError):
-                    await write_json(writer, 503, error_body(f"engine is dead: {first}", "server_error", 503))
-                    return
-                if isinstance(first, ValueError):
-                    await write_json(writer, 400, error_body(str(first)))
-                    return
-                if isinstance(first, BaseException):
-                    raise first
-            if parsed.stream:
-                await self._stream_batch(rid, parsed, firsts, gens, writer)
-            else:
-                finals = await asyncio.gather(*(_last_output(f, g) for f, g in zip(firsts, gens)))
-                await write_json(writer, 200, protocol.completion_batch_response(
-                    rid, self.served_model_name, finals, self.engine.tokenizer, parsed.params.n))
-        finally:
-            for g in gens:
-                await g.aclose()  # no-op when finished; aborts the request otherwise
-
-    async def _stream_batch(self, rid: str, parsed: ParsedRequest, firsts: list[RequestOutput],
-                            gens: list[AsyncIterator[RequestOutput]], writer: asyncio.StreamWriter) -> None:
-        """Interleave the prompts' delta streams as they come; choice index ``i * n + j``."""
-        model, created, tok, n = self.served_model_name, int(time.time()), self.engine.tokenizer, parsed.params.n
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, out: RequestOutput | None, gen: AsyncIterator[RequestOutput]) -> None:
-            try:
-                while out is not None:
-                    await queue.put((i, out))
-                    out = None if out.finished else await anext(gen, None)
-                await queue.put((i, None))
-            except (ValueError, EngineDeadError) as e:
-                await queue.put((i, e))
-
-        await start_event_stream(writer)
-        pumps = [asyncio.ensure_future(pump(i, f, g)) for i, (f, g) in enumerate(zip(firsts, gens))]
-        remaining, num_completion_tokens, failed = len(pumps), 0, None
-        try:
-            while remaining and failed is None:
-                i, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    failed = item
-                else:
-                    num_completion_tokens += sum(len(c.token_ids) for c in item.outputs)
-                    for c in item.outputs:
-                        c = dataclasses.replace(c, index=i * n + c.index)
-                        for chunk in _delta_chunks(rid, model, created, c, tok, False, False):
-                            await write_event(writer, chunk)
-        finally:
-            for t in pumps:
-                t.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-        if failed is not None:
-            await write_event(writer, error_body(str(failed), "server_error" if isinstance(
-                failed, EngineDeadError) else "invalid_request_error", 500))
-        elif parsed.include_usage:
-            await write_event(writer, protocol.usage_chunk(
-                rid, "text_completion", model, created,
-                sum(len(f.prompt_token_ids) for f in firsts), num_completion_tokens))
-        await write_event(writer, "[DONE]")
-
-    async def _stream(self, rid: str, chat: bool, parsed: ParsedRequest, first: RequestOutput,
-                      rest: AsyncIterator[RequestOutput], writer: asyncio.StreamWriter) -> None:
-        model, created, tok = self.served_model_name, int(time.time()), self.engine.tokenizer
-        await start_event_stream(writer)
-        if chat:
-            for i in range(parsed.params.n):
-                await write_event(writer, protocol.chat_chunk(rid, model, created, i,
-                                                              {"role": "assistant", "content": ""}))
-        finished: set[int] = set()
-        num_completion_tokens = 0
-        out: RequestOutput | None = first
-        try:
-            while out is not None:
-                num_completion_tokens += sum(len(c.token_ids) for c in out.outputs)
-                for c in out.outputs:
-                    if c.index in finished:
-                        continue
-                    for chunk in _delta_chunks(rid, model, created, c, tok, chat, parsed.chat_logprobs):
-                        await write_event(writer, chunk)
-                    if c.finish_reason is not None:
-                        finished.add(c.index)
-                out = await anext(rest, None)
-        except (ValueError, EngineDeadError) as e:  # the request failed after the stream began
-            await write_event(writer, error_body(str(e), "server_error" if isinstance(
-                e, EngineDeadError) else "invalid_request_error", 500))
-        else:
-            if parsed.include_usage:
-                await write_event(writer, protocol.usage_chunk(
-                    rid, "chat.completion.chunk" if chat else "text_completion", model, created,
-                    len(first.prompt_token_ids), num_completion_tokens))
-        await write_event(writer, "[DONE]")
+        """Stop now: in-flight requests are aborted (streams end with an error event)."""
+        await self.shutdown(drain_timeout_s=0.0)
 
 
-async def _last_output(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
-    out = first
-    async for out in rest:
-        pass
-    return out
+async def serve(engine: Any, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                settings: ServerSettings | None = None) -> int:
+    """Run until SIGTERM / SIGINT (drain, exit status 0) or the engine core's death (status 1)."""
+    import signal
 
-
-def _delta_chunks(rid: str, model: str, created: int, c: CompletionOutput, tok: Any, chat: bool,
-                  chat_logprobs: bool) -> list[dict[str, Any]]:
-    """The SSE chunks for one completion's delta (none while text is held back)."""
-    has_new = bool(c.text) or (c.logprobs is not None and bool(c.token_ids))
-    if not chat:
-        if has_new or c.finish_reason is not None:
-            return [protocol.completion_chunk(rid, model, created, c, tok)]
-        return []
-    chunks = []
-    if has_new:
-        lps = protocol.chat_logprobs(c, tok) if chat_logprobs else None
-        chunks.append(protocol.chat_chunk(rid, model, created, c.index, {"content": c.text}, None, lps))
-    if c.finish_reason is not None:
-        chunks.append(protocol.chat_chunk(rid, model, created, c.index, {}, c.finish_reason))
-    return chunks
-
-
-async def _until_disconnect(work: Awaitable[None], reader: asyncio.StreamReader) -> None:
-    """Run ``work``; cancel it if the client closes its end first.
-
-    The request has been read completely and we answer with ``Connection: close``, so
-    anything more on the socket is ignored and EOF means the client gave up.
-    """
-    async def wait_eof() -> None:
-        while await reader.read(4096):
-            pass
-
-    work_task = asyncio.ensure_future(work)
-    eof_task = asyncio.ensure_future(wait_eof())
-    try:
-        await asyncio.wait({work_task, eof_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Cancelling an already-finished task is a no-op; on our own cancellation both go.
-        for t in (work_task, eof_task):
-            t.cancel()
-        await asyncio.gather(work_task, eof_task, return_exceptions=True)
-    if not work_task.cancelled() and work_task.exception() is not None:
-        raise work_task.exception()
-
-
-async def serve(engine: AsyncLLM, served_model_name: str, host: str = "127.0.0.1",
-                port: int = 8000) -> None:
-    """Run the server until cancelled (Ctrl-C)."""
-    server = OpenAIServer(engine, served_model_name)
+    server = OpenAIServer(engine, served_model_name, settings)
     bound_host, bound_port = await server.start(host, port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_shutdown)
     print(f"minivllm: serving {served_model_name!r} on http://{bound_host}:{bound_port}", flush=True)
     try:
-        await server.serve_forever()
+        reason = await server.wait()
+        logger.info("stopping: %s", reason)
+        await server.shutdown()
     finally:
-        await server.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 1 if reason == ENGINE_DEAD else 0

@@ -1,0 +1,143 @@
+"""Engine outputs → OpenAI response JSON (plain dicts: the streaming path builds one per token).
+
+Kept free of I/O so the mapping can be read and tested on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from minivllm.outputs import CompletionOutput, RequestOutput
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def token_str(tokenizer: Any, token_id: int) -> str:
+    """How a token id is shown in logprobs (``token_id:N`` when there is no tokenizer, as vLLM)."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id])
+
+
+def _value(lp: Any) -> float:
+    # A float today; a vLLM-style ``Logprob`` object (``.logprob``) works the same.
+    return float(getattr(lp, "logprob", lp))
+
+
+def _ranked(step: dict[int, Any]) -> list[tuple[int, float]]:
+    """One step's (token id, logprob) pairs, most likely first."""
+    return sorted(((t, _value(lp)) for t, lp in step.items()), key=lambda x: -x[1])
+
+
+def completion_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] | None:
+    """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if c.logprobs is None:
+        return None
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    for tid, step in zip(c.token_ids, c.logprobs):
+        s = token_str(tokenizer, tid)
+        tokens.append(s)
+        token_lps.append(_value(step[tid]) if tid in step else None)
+        tops.append({token_str(tokenizer, t): lp for t, lp in _ranked(step)})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_entry(tokenizer: Any, token_id: int, logprob: float | None) -> dict[str, Any]:
+    s = token_str(tokenizer, token_id)
+    return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", errors="replace"))}
+
+
+def chat_logprobs(c: CompletionOutput, tokenizer: Any, num_top: int) -> dict[str, Any] | None:
+    """The chat logprobs object: per token ``{token, logprob, bytes, top_logprobs}``.
+
+    The engine returns the top ``num_top`` tokens plus the sampled one; ``top_logprobs`` is the
+    ``num_top`` most likely (the sampled token among them whenever it ranks there).
+    """
+    if c.logprobs is None:
+        return None
+    content = []
+    for tid, step in zip(c.token_ids, c.logprobs):
+        entry = _chat_entry(tokenizer, tid, _value(step[tid]) if tid in step else None)
+        entry["top_logprobs"] = [_chat_entry(tokenizer, t, lp) for t, lp in _ranked(step)[:num_top]]
+        content.append(entry)
+    return {"content": content}
+
+
+def _completion_choice(index: int, c: CompletionOutput, tokenizer: Any, prefix: str) -> dict[str, Any]:
+    return {"index": index, "text": prefix + c.text, "logprobs": completion_logprobs(c, tokenizer),
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_ids": c.token_ids}
+
+
+def completion_response(rid: str, model: str, outs: list[RequestOutput], tokenizer: Any, n: int,
+                        echo_prefixes: list[str] | None = None) -> dict[str, Any]:
+    """One response for one prompt or a batch: prompt ``i``'s choice ``j`` has index ``i * n + j``."""
+    choices = [_completion_choice(i * n + c.index, c, tokenizer, echo_prefixes[i] if echo_prefixes else "")
+               for i, out in enumerate(outs) for c in out.outputs]
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices,
+            "usage": usage(sum(len(o.prompt_token_ids) for o in outs),
+                           sum(len(c.token_ids) for o in outs for c in o.outputs))}
+
+
+def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,
+                  num_top_logprobs: int | None) -> dict[str, Any]:
+    """A whole chat completion; ``num_top_logprobs`` None when logprobs were not asked for."""
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": (chat_logprobs(c, tokenizer, num_top_logprobs)
+                             if num_top_logprobs is not None else None),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices,
+            "usage": usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, c: CompletionOutput,
+                     tokenizer: Any, prefix: str = "") -> dict[str, Any]:
+    """One streamed ``/v1/completions`` chunk for choice ``index``."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": prefix + c.text,
+                         "logprobs": completion_logprobs(c, tokenizer),
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
+               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
+               stop_reason: int | str | None = None) -> dict[str, Any]:
+    """One streamed chat chunk for choice ``index`` (``delta``: role and / or content)."""
+    choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": finish_reason}
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [choice]}
+
+
+def usage_chunk(rid: str, obj: str, model: str, created: int, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def delta_chunks(rid: str, model: str, created: int, index: int, c: CompletionOutput, tokenizer: Any,
+                 chat: bool, num_top_logprobs: int | None) -> list[dict[str, Any]]:
+    """The SSE chunks for one completion's delta (none while text is held back for a stop string)."""
+    has_new = bool(c.text) or (c.logprobs is not None and bool(c.token_ids))
+    if not chat:
+        if has_new or c.finish_reason is not None:
+            return [completion_chunk(rid, model, created, index, c, tokenizer)]
+        return []
+    chunks = []
+    if has_new:
+        lps = chat_logprobs(c, tokenizer, num_top_logprobs) if num_top_logprobs is not None else None
+        chunks.append(chat_chunk(rid, model, created, index, {"content": c.text}, None, lps))
+    if c.finish_reason is not None:
+        chunks.append(chat_chunk(rid, model, created, index, {}, c.finish_reason, None, c.stop_reason))
+    return chunks
