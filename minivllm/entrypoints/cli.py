@@ -19,14 +19,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many devices (worker processes)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare step N+1 while step N runs (default: on for CUDA)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine arguments of ``LLM`` / ``AsyncLLM`` from the shared flags."""
+    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
+                max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                enforce_eager=args.enforce_eager, seed=args.seed,
+                tensor_parallel_size=args.tensor_parallel_size,
+                async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from minivllm import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-              max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager, seed=args.seed)
+    llm = LLM(args.model, **_engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.sampling_seed)
     chat = args.chat
@@ -101,9 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, api_key=os.environ["MINIVLLM_API_KEY"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit(settings.max_open_connections)
-    engine = AsyncLLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                      max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                      enforce_eager=args.enforce_eager, seed=args.seed)
+    engine = AsyncLLM(args.model, **_engine_kwargs(args))
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     try:
         return asyncio.run(serve(engine, name, args.host, args.port, settings))
