@@ -29,7 +29,7 @@ from typing import Any
 
 from minivllm.engine.core_client import EngineCoreClient, EngineDeadError, EngineHungError
 from minivllm.engine.frontend import build_frontend
-from minivllm.engine.input_processor import (PromptType, ProcessedPrompt, check_text,
+from minivllm.engine.input_processor import (ProcessedPrompt, PromptType, check_text,
                                              child_request_id)
 from minivllm.engine.scheduler import check_prompt_fits
 from minivllm.engine.serialization import outputs_from_wire, params_to_wire
@@ -151,7 +151,7 @@ class AsyncLLM:
         self._fail_all(EngineDeadError("the engine was shut down"))
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "AsyncLLM":
+    def __enter__(self) -> AsyncLLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -184,6 +184,9 @@ class AsyncLLM:
                 "request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
                 "params": params_to_wire(r.params), "arrival_time": r.arrival_time,
                 "eos_token_ids": sorted(r.eos_token_ids), "seed": r.seed} for r in reqs])
+        except (OverflowError, TypeError, UnicodeError) as e:  # params changed after validation
+            self._close(rid, abort=True)
+            raise ValueError(f"the request cannot be sent to the engine core ({e})") from None
         except BaseException:
             self._close(rid, abort=True)
             raise

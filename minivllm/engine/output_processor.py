@@ -12,7 +12,6 @@ from minivllm.engine.messages import EngineCoreOutput
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
-
 logger = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")

@@ -43,7 +43,7 @@ class RequestStream:
     closes (aborts) the request.
     """
 
-    def __init__(self, engine: "AsyncLLM", prepare: Callable[[], "ProcessedPrompt"],
+    def __init__(self, engine: AsyncLLM, prepare: Callable[[], ProcessedPrompt],
                  sampling_params: Any, request_id: Any, output_kind: str) -> None:
         self._engine = engine
         self._open_args = (prepare, sampling_params, request_id, output_kind)
@@ -53,7 +53,7 @@ class RequestStream:
         self.request_id: str | None = None  # known once the request is queued
 
     # ---- iteration -------------------------------------------------------------------------
-    def __aiter__(self) -> "_Cursor":
+    def __aiter__(self) -> _Cursor:
         return _Cursor(self)
 
     async def __anext__(self) -> RequestOutput:
@@ -82,7 +82,7 @@ class RequestStream:
         iteration. A no-op on a finished stream."""
         self._close(abort=True)
 
-    async def __aenter__(self) -> "RequestStream":
+    async def __aenter__(self) -> RequestStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -118,7 +118,7 @@ class _Cursor:
     def __init__(self, stream: RequestStream) -> None:
         self._stream = stream
 
-    def __aiter__(self) -> "_Cursor":
+    def __aiter__(self) -> _Cursor:
         return self
 
     def __anext__(self):
