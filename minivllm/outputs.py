@@ -38,7 +38,12 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """Result (or, when streaming, progress) of one request."""
+    """Result (or, when streaming, progress) of one request.
+
+    ``error`` is set (and every completion's ``finish_reason`` is ``"error"``) when the engine
+    failed this request alone, e.g. an exception in a step that concerned only it; the message
+    is meant for the caller and carries no traceback.
+    """
 
     request_id: str
     prompt: str | None
@@ -47,3 +52,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    error: str | None = None

@@ -1,17 +1,58 @@
-"""Sampling parameters: validated once at construction, then treated as read-only."""
+"""Sampling parameters: validated once at construction, then treated as read-only.
+
+Every value is checked against the range the engine can really use, not only its type: the
+values end up in int64 / float32 tensors and ``torch.Generator`` seeds inside an engine step,
+where an overflow would fail the whole batch instead of this one request.
+"""
 
 from __future__ import annotations
 
+import math
+import reprlib
+import struct
 from dataclasses import dataclass, field
+from typing import Any
+
+INT64_MAX = 2**63 - 1
+# What ``torch.Generator.manual_seed`` accepts: int64 and uint64 values alike.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Sane caps on what a client may ask for. n matches the OpenAI API's limit; a server may set
+# lower ones. Stop lists are scanned at every generated token, so they must stay small.
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+# Positive temperatures below this are raised to it (as vLLM does): logits / T overflows
+# float32 for tiny T, and sampling at T = 0.01 is already indistinguishable from greedy.
+MIN_TEMPERATURE = 1e-2
+
+
+def is_int(x: object) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an int to Python, never to a client)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def as_float32(x: object) -> float | None:
+    """``x`` rounded to float32 as the sampler will see it; None if it is not a finite number
+    there (NaN, inf, beyond float32, or not a number at all)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        value = struct.unpack("f", struct.pack("f", x))[0]
+    except (OverflowError, struct.error):
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop, per request (vLLM-compatible names).
 
-    ``temperature=0`` means greedy. ``top_k=0`` or ``-1`` disables top-k. ``seed`` makes the
-    request's sampling reproducible whatever else runs in the same batch. ``logprobs=N``
-    returns the top-N log-probabilities (plus the sampled token's) at every step.
+    ``temperature=0`` means greedy (positive values below 0.01 are raised to 0.01).
+    ``top_k=0`` or ``-1`` disables top-k. ``seed`` makes the request's sampling reproducible
+    whatever else runs in the same batch. ``logprobs=N`` returns the top-N log-probabilities
+    (plus the sampled token's) at every step. Bad values raise ValueError naming the field.
     """
 
     n: int = 1
@@ -44,52 +85,86 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
 
     def _validate(self) -> None:
-        def check(ok: bool, msg: str) -> None:
+        def check(ok: bool, name: str, expected: str) -> None:
+            # The message is built only on failure: values may be huge (a 10**5000 int).
             if not ok:
-                raise ValueError(msg)
+                raise ValueError(f"{name} must be {expected}, got {_short_repr(getattr(self, name))}")
 
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
+        def int_in(x: Any, lo: int, hi: int) -> bool:
+            return is_int(x) and lo <= x <= hi
 
-        def is_num(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        def float_in(x: Any, lo: float, hi: float, lo_open: bool = False) -> bool:
+            # Checked on the float32 value: 1e-300 is positive in Python but 0 on the device.
+            v = as_float32(x)
+            return v is not None and (lo < v if lo_open else lo <= v) and v <= hi
 
-        check(is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        check(is_num(self.temperature) and self.temperature >= 0,
-              f"temperature must be >= 0, got {self.temperature!r}")
-        check(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
-              f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
-        check(is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        check(self.seed is None or is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}")
-        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
-              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        check(is_int(self.min_tokens) and self.min_tokens >= 0,
-              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
-        if self.max_tokens is not None:
-            check(self.min_tokens <= self.max_tokens,
-                  f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
-              f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}")
-        check(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
-              f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
-        check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-              f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
-        check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
+        check(int_in(self.n, 1, MAX_N), "n", f"an integer in [1, {MAX_N}]")
+        check(float_in(self.temperature, 0, math.inf), "temperature", "a number >= 0 (finite in float32)")
+        check(float_in(self.top_p, 0, 1, lo_open=True), "top_p", "in (0, 1]")
+        check(int_in(self.top_k, -1, INT64_MAX), "top_k",
+              "-1, 0 (disabled) or a positive integer up to 2**63-1")
+        check(float_in(self.min_p, 0, 1), "min_p", "in [0, 1]")
+        check(self.seed is None or int_in(self.seed, SEED_MIN, SEED_MAX), "seed",
+              "None or an integer in [-2**63, 2**64-1]")
+        check(self.max_tokens is None or int_in(self.max_tokens, 1, INT64_MAX), "max_tokens",
+              "an integer in [1, 2**63-1] or None")
+        check(int_in(self.min_tokens, 0, INT64_MAX), "min_tokens", "an integer in [0, 2**63-1]")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        check(self.logprobs is None or int_in(self.logprobs, 0, MAX_LOGPROBS), "logprobs",
+              f"an integer in [0, {MAX_LOGPROBS}] or None")
+        check(float_in(self.repetition_penalty, 0, 2, lo_open=True), "repetition_penalty", "in (0, 2]")
+        check(float_in(self.presence_penalty, -2, 2), "presence_penalty", "in [-2, 2]")
+        check(float_in(self.frequency_penalty, -2, 2), "frequency_penalty", "in [-2, 2]")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            check(isinstance(getattr(self, name), bool), name, "a bool")
+        self._validate_stops()
+
+    def _validate_stops(self) -> None:
         stop = self.stop
-        check(stop is None or isinstance(stop, str)
-              or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)),
-              f"stop must be a string or a list of strings, got {stop!r}")
-        if isinstance(stop, str):
-            stop = [stop]
-        check(not stop or all(len(s) > 0 for s in stop), "stop strings must not be empty")
+        if not (stop is None or isinstance(stop, str)
+                or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
+            raise ValueError(f"stop must be a string or a list of strings, got {_short_repr(stop)}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        for s in stops:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters, "
+                                 f"got one of {len(s)}")
+            if not _is_valid_unicode(s):
+                raise ValueError("stop strings must be valid Unicode (no lone surrogates)")
         ids = self.stop_token_ids
-        check(ids is None or (isinstance(ids, (list, tuple)) and all(is_int(t) and t >= 0 for t in ids)),
-              f"stop_token_ids must be a list of non-negative integers, got {ids!r}")
+        if not (ids is None or (isinstance(ids, (list, tuple))
+                                and all(is_int(t) and 0 <= t <= INT64_MAX for t in ids))):
+            raise ValueError("stop_token_ids must be a list of integers in [0, 2**63-1], "
+                             f"got {_short_repr(ids)}")
+        if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short_repr(x: object, limit: int = 80) -> str:
+    """A repr that cannot blow up an error message (clients may send megabytes)."""
+    try:
+        r = reprlib.repr(x)  # abbreviates long lists without building their full repr
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<{type(x).__name__} too large to print>"
+    return r if len(r) <= limit else r[:limit] + "..."

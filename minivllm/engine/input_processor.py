@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from minivllm.engine.request import Request
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import SEED_MAX, SamplingParams
+
+# Seeds of the completions of an ``n > 1`` request are spaced this far apart.
+_CHILD_SEED_STRIDE = 1_000_003
 
 PromptType = Union[str, list[int], dict[str, Any]]
 
@@ -21,6 +24,22 @@ class ProcessedPrompt:
 def child_request_id(request_id: str, index: int) -> str:
     """Engine-core id of completion ``index`` of a request (one sequence each)."""
     return f"{index}:{request_id}"
+
+
+def child_seed(seed: int, index: int) -> int:
+    """Seed of completion ``index``: distinct per completion, and (wrapping around 2**64)
+    still a value ``torch.Generator.manual_seed`` accepts whatever the user's seed was."""
+    value = seed + index * _CHILD_SEED_STRIDE
+    return value - 2**64 if value > SEED_MAX else value
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise ValueError for text that no tokenizer can take (lone surrogates, which JSON
+    ``\\ud800`` escapes produce): the tokenizer would fail with a TypeError instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (it contains a lone surrogate)") from None
 
 
 class InputProcessor:
@@ -44,6 +63,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            check_text(prompt, "prompt")
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead "
                                  "(skip_tokenizer_init=True or the model has no tokenizer)")
@@ -74,7 +94,7 @@ class InputProcessor:
         now = time.time() if arrival_time is None else arrival_time
         reqs = []
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i * 1_000_003
+            seed = None if params.seed is None else child_seed(params.seed, i)
             reqs.append(Request(
                 request_id=child_request_id(request_id, i),
                 prompt_token_ids=list(prompt.prompt_token_ids), params=params, arrival_time=now,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from minivllm.engine.messages import EngineCoreOutput
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")
 
@@ -37,6 +39,7 @@ class _RequestState:
     seqs: list[_SequenceState]
     output_kind: str = "final"
     num_cached_tokens: int = 0
+    error: str | None = None  # set when the request failed: its message for the caller
 
     @property
     def finished(self) -> bool:
@@ -74,7 +77,13 @@ class OutputProcessor:
 
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns this step's RequestOutputs (finished requests, plus unfinished streaming
-        ones), and the core ids that a stop string ended (the core must abort them)."""
+        ones), and the core ids that the frontend ended (a stop string, or a sibling of a
+        failed sequence): the core must abort them.
+
+        An output with ``finish_reason="error"`` fails its whole request (every completion
+        still running ends with ``"error"``; ``RequestOutput.error`` holds the message). So
+        does an exception while detokenizing one request's tokens; other requests go on.
+        """
         now = time.time()
         to_abort: list[str] = []
         touched: dict[str, _RequestState] = {}
@@ -83,26 +92,16 @@ class OutputProcessor:
             if parent is None:
                 continue  # already finished here (e.g. a stop string), core is catching up
             state = self.states[parent[0]]
-            seq = state.seqs[parent[1]]
-            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
-            seq.token_ids.extend(out.new_token_ids)
-            if seq.logprobs is not None and out.new_logprobs:
-                seq.logprobs.extend(out.new_logprobs)
-                seq.cumulative_logprob += sum(out.new_sampled_logprobs or [])
-            past_min = len(seq.token_ids) >= state.params.min_tokens
-            stop = seq.detok.add_tokens(out.new_token_ids, check_stop=past_min)
-            if stop is not None and out.finish_reason is None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
-                to_abort.append(out.request_id)
-            elif out.finish_reason is not None:
-                seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
-                if stop is not None:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-            if seq.finish_reason is not None:
-                self._child_to_parent.pop(out.request_id, None)
             touched[state.request_id] = state
+            if out.finish_reason == "error" or out.error is not None:
+                self._fail(state, out.error or "the request failed in the engine", to_abort,
+                           failed_child=out.request_id)
+                continue
+            try:
+                self._add_output(state, state.seqs[parent[1]], out, now, to_abort)
+            except Exception as e:  # e.g. the tokenizer cannot decode an id: this request only
+                logger.exception("processing the output of request %s failed", state.request_id)
+                self._fail(state, f"decoding the output failed ({type(e).__name__})", to_abort)
         results = []
         for state in touched.values():
             if state.finished:
@@ -112,6 +111,39 @@ class OutputProcessor:
             elif state.output_kind != "final":
                 results.append(self.make_output(state))
         return results, to_abort
+
+    def _add_output(self, state: _RequestState, seq: _SequenceState, out: EngineCoreOutput,
+                    now: float, to_abort: list[str]) -> None:
+        state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+        seq.token_ids.extend(out.new_token_ids)
+        if seq.logprobs is not None and out.new_logprobs:
+            seq.logprobs.extend(out.new_logprobs)
+            seq.cumulative_logprob += sum(out.new_sampled_logprobs or [])
+        past_min = len(seq.token_ids) >= state.params.min_tokens
+        stop = seq.detok.add_tokens(out.new_token_ids, check_stop=past_min)
+        if stop is not None and out.finish_reason is None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            to_abort.append(out.request_id)
+        elif out.finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+        if seq.finish_reason is not None:
+            self._child_to_parent.pop(out.request_id, None)
+
+    def _fail(self, state: _RequestState, message: str, to_abort: list[str],
+              failed_child: str | None = None) -> None:
+        """End every sequence of ``state`` with ``error``; the core must drop the others."""
+        state.error = message
+        for seq in state.seqs:
+            child = child_request_id(state.request_id, seq.index)
+            if seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = "error", None
+                if child != failed_child:
+                    to_abort.append(child)
+            self._child_to_parent.pop(child, None)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish every unfinished sequence of ``request_id`` with ``abort``."""
@@ -149,7 +181,7 @@ class OutputProcessor:
             request_id=state.request_id, prompt=state.prompt.prompt,
             prompt_token_ids=list(state.prompt.prompt_token_ids), outputs=outs,
             finished=finished, num_cached_tokens=state.num_cached_tokens,
-            metrics=state.metrics)
+            metrics=state.metrics, error=state.error)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states

@@ -135,9 +135,10 @@ def test_dead_engine_core_is_reported(tiny_model_dirs):
                 if len(out.outputs[0].token_ids) == 2:
                     os.kill(eng.client.proc.pid, signal.SIGKILL)
 
-        with pytest.raises(EngineDeadError):
-            asyncio.run(main())
+        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+            asyncio.run(asyncio.wait_for(main(), 60))  # the pending stream fails promptly
         assert eng.errored
+        assert eng.client.proc.exitcode == -signal.SIGKILL  # reaped, not left as a zombie
         with pytest.raises(EngineDeadError):
             asyncio.run(eng.check_health())
         with pytest.raises(EngineDeadError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import SamplingParams, _short_repr
 
 INVALID = [
     # (kwargs, text the message must contain)
@@ -43,10 +43,41 @@ INVALID = [
     (dict(logprobs=-1), "logprobs"),
     (dict(logprobs=21), "logprobs"),
     (dict(seed=1.5), "seed"),
+    # Ranges: every int ends up in an int64 tensor or a torch.Generator seed inside a step,
+    # every float in a float32 tensor; an overflow there would fail a whole batch.
+    (dict(top_k=2**63), "top_k"),  # the request that used to kill the engine
+    (dict(top_k=10**5000), "top_k"),  # beyond Python's int-to-str limit: the message still works
+    (dict(seed=2**64), "seed"),
+    (dict(seed=-(2**63) - 1), "seed"),
+    (dict(seed=True), "seed"),
+    (dict(stop_token_ids=[2**63]), "stop_token_ids"),
+    (dict(stop_token_ids=[1, 10**5000]), "stop_token_ids"),
+    (dict(stop_token_ids=list(range(1025))), "stop_token_ids"),
+    (dict(max_tokens=2**63), "max_tokens"),
+    (dict(min_tokens=2**63, max_tokens=None), "min_tokens"),
+    (dict(logprobs=2**63), "logprobs"),
+    (dict(n=129), "n "),
+    (dict(n=20000), "n "),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1e39), "temperature"),  # finite in Python, inf in float32
+    (dict(temperature=10**400), "temperature"),  # an int too large for a float
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_p=1e-300), "top_p"),  # positive in Python, 0 in float32
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(presence_penalty=float("-inf")), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(ignore_eos="false"), "ignore_eos"),
+    (dict(skip_special_tokens=None), "skip_special_tokens"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
+    (dict(stop=["x"] * 65), "stop"),
+    (dict(stop="x" * 1025), "stop"),
+    (dict(stop=["ok", "\ud800"]), "stop"),  # a lone surrogate cannot cross to the core
 ]
 
 
-@pytest.mark.parametrize("kwargs,field", INVALID, ids=[f"{k}" for k, _ in INVALID])
+@pytest.mark.parametrize("kwargs,field", INVALID, ids=[_short_repr(k, 60) for k, _ in INVALID])
 def test_invalid_value_raises_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError) as info:
         SamplingParams(**kwargs)
@@ -90,3 +121,16 @@ def test_edges_that_are_valid():
     SamplingParams(repetition_penalty=2.0, presence_penalty=-2.0, frequency_penalty=2.0)
     SamplingParams(repetition_penalty=0.5, presence_penalty=2, frequency_penalty=-2)
     SamplingParams(stop_token_ids=[0])
+    # The edges of each range are themselves valid.
+    SamplingParams(top_k=2**63 - 1, seed=2**64 - 1, stop_token_ids=[2**63 - 1], n=128)
+    SamplingParams(seed=-(2**63), max_tokens=2**63 - 1, min_tokens=2**63 - 1)
+    SamplingParams(stop=["x"] * 64, stop_token_ids=list(range(1024)))
+    SamplingParams(temperature=3e38, top_p=1e-30)
+
+
+def test_tiny_temperature_is_raised_to_a_safe_minimum():
+    # logits / 1e-40 overflows float32 (NaN probabilities); 0.01 samples like greedy anyway.
+    assert SamplingParams(temperature=1e-40).temperature == 0.01
+    assert SamplingParams(temperature=0.005).temperature == 0.01
+    assert SamplingParams(temperature=0.02).temperature == 0.02
+    assert SamplingParams(temperature=0).temperature == 0
