@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
-                             resolve_device, resolve_dtype, validate_engine_args)
+                             default_max_num_batched_tokens, resolve_device, resolve_dtype,
+                             validate_engine_args)
 from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "auto", max_model_len: int | None = None,
-                        max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                        max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                         block_size: int = 16, num_kv_blocks: int | None = None,
                         gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                         enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
@@ -38,9 +39,14 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
     The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
     ``async_scheduling=None`` overlaps host scheduling with the device step on CUDA and not
     elsewhere (on CPU the "device" is the host: nothing to overlap); ``True`` forces it.
+    ``max_num_batched_tokens=None`` is 8192 on CUDA and 256 on CPU, where a step of 8192 prompt
+    tokens would take minutes and an abort only takes effect at the next step.
     """
     if async_scheduling is not None and not isinstance(async_scheduling, bool):
         raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
+    dev = resolve_device(device)
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = default_max_num_batched_tokens(dev)
     validate_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens,
                          gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
@@ -56,7 +62,6 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
     elif max_model_len > arch.max_position_embeddings:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
                          f"max_position_embeddings {arch.max_position_embeddings}")
-    dev = resolve_device(device)
     if async_scheduling is None:
         async_scheduling = dev.type == "cuda"
     if load_format == "auto":
@@ -83,7 +88,8 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 block_size: int = 16,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0,
                  load_format: str = "auto", attention_backend: str = "auto",
@@ -111,6 +117,10 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for one prompt or a list; outputs are in input order.
+
+        A request that fails inside the engine (a model step that raised for the requests in
+        it) comes back finished with ``finish_reason="error"`` and ``RequestOutput.error``; the
+        others are unaffected.
 
         Raises:
             ValueError: a bad prompt or parameter list; nothing is run and the engine stays usable.
@@ -177,9 +187,9 @@ class LLM:
         try:
             while self.engine.has_unfinished:
                 step = self.engine.step()
-                failed = [o.error for o in step.outputs if o.error is not None]
-                if failed:  # offline generation is all or nothing: clean up and say why
-                    raise RuntimeError(failed[0])
+                for o in step.outputs:
+                    if o.error is not None:  # that request ends with finish_reason "error"
+                        logger.warning("request %s failed: %s", o.request_id, o.error)
                 finished, to_abort = self.output_processor.process(step.outputs)
                 self.engine.abort_requests(to_abort, reason="stop")
                 bar.update(len(finished), step.num_prefill_tokens, step.num_decode_tokens)

@@ -24,7 +24,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare step N+1 while step N runs (default: on for CUDA)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (default: 8192 on CUDA, 256 on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
 
 
