@@ -25,6 +25,19 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     return 2 * n / best / 1e9
 
 
+def best_time_s(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` synchronised calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def shared_random_weights(config_dir: str, device: torch.device, prefix: str):
     """HF model with random bf16 weights (seed 0) and a directory holding them, so that HF and
     minivllm compute with identical weights. Returns ``(config, hf_model, dir, weight_bytes)``."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, shared_random_weights, write_results
+from benchmarks.common import best_time_s, copy_bandwidth_gbs, shared_random_weights, write_results
 
 
 def main() -> None:
@@ -43,15 +42,7 @@ def main() -> None:
     n = args.output_len
 
     def best_of(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return best_time_s(fn, args.repeats)
 
     res = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
            "model": args.model, "input_len": args.input_len, "output_len": n}

@@ -11,26 +11,13 @@ Floor: one read of all weights per token at the measured copy bandwidth. Best of
 from __future__ import annotations
 
 import datetime
-import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, shared_random_weights, write_results
+from benchmarks.common import best_time_s, copy_bandwidth_gbs, shared_random_weights, write_results
 
 MODELS = {"qwen3-0.6b": "benchmarks/models/qwen3-0.6b", "qwen3-4b": "benchmarks/models/qwen3-4b"}
 PROMPT_LEN, NEW_TOKENS = 128, 256
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _one_model(path: str, repeats: int, device: torch.device, bw_gbs: float) -> dict:
@@ -43,8 +30,8 @@ def _one_model(path: str, repeats: int, device: torch.device, bw_gbs: float) -> 
               gpu_memory_utilization=0.5)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    ttft = _best_of(lambda: llm.generate([prompt], first, use_tqdm=False), repeats)
-    total = _best_of(lambda: llm.generate([prompt], full, use_tqdm=False), repeats)
+    ttft = best_time_s(lambda: llm.generate([prompt], first, use_tqdm=False), repeats)
+    total = best_time_s(lambda: llm.generate([prompt], full, use_tqdm=False), repeats)
     ours = {"decode_tok_s": (NEW_TOKENS - 1) / (total - ttft), "ttft_s": ttft, "total_s": total}
     del llm
     torch.cuda.empty_cache()
@@ -58,8 +45,8 @@ def _one_model(path: str, repeats: int, device: torch.device, bw_gbs: float) -> 
                         min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     hf_run(NEW_TOKENS)  # compiles
-    hf_ttft = _best_of(lambda: hf_run(1), repeats)
-    hf_total = _best_of(lambda: hf_run(NEW_TOKENS), repeats)
+    hf_ttft = best_time_s(lambda: hf_run(1), repeats)
+    hf_total = best_time_s(lambda: hf_run(NEW_TOKENS), repeats)
     peer = {"name": "HF generate, static cache (compiled)",
             "decode_tok_s": (NEW_TOKENS - 1) / (hf_total - hf_ttft), "ttft_s": hf_ttft,
             "total_s": hf_total}

@@ -183,7 +183,7 @@ def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_
         raise ValueError(f"num_kv_blocks must be a positive integer or None, got {num_kv_blocks!r}")
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    if tensor_parallel_size != 1:
-        raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1")
+    if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
     if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 1):
         raise ValueError(f"max_model_len must be a positive integer or None, got {max_model_len!r}")

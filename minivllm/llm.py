@@ -13,6 +13,7 @@ import torch
 
 from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
                              resolve_device, resolve_dtype, validate_engine_args)
+from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
 from minivllm.engine.input_processor import ProcessedPrompt, PromptType
@@ -49,6 +50,7 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
 
     model_dir = resolve_model_dir(model)
     arch = ModelArchConfig.from_dir(model_dir)
+    check_tensor_parallel(arch, tensor_parallel_size)  # before any worker process starts
     if max_model_len is None:
         max_model_len = arch.max_position_embeddings
     elif max_model_len > arch.max_position_embeddings:

@@ -28,7 +28,7 @@ class EngineCore:
     """Owns the executor and the scheduler; knows nothing about text or tokenizers."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.executor: Executor = UniProcExecutor(config)
+        self.executor: Executor = _make_executor(config)
         cache, sched = config.cache, config.scheduler
         num_blocks = cache.num_kv_blocks or self.executor.num_available_kv_blocks(
             cache.block_size, cache.gpu_memory_utilization, sched.max_num_batched_tokens)
@@ -159,8 +159,22 @@ class EngineCore:
         self.executor.shutdown()
 
 
+def _make_executor(config: EngineConfig) -> Executor:
+    """One in-process runner, or N tensor-parallel ranks (rank 0 here, the rest spawned)."""
+    if config.tensor_parallel_size == 1:
+        return UniProcExecutor(config)
+    from minivllm.executor.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(config)
+
+
 def _is_fatal(e: BaseException) -> bool:
-    """Device errors leave the CUDA context unusable: nothing after them can be trusted."""
+    """Device errors leave the CUDA context unusable, and a failed tensor-parallel worker leaves
+    the ranks out of step: nothing after either can be trusted."""
+    from minivllm.distributed.worker_group import WorkerError
+
+    if isinstance(e, WorkerError):
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(e, accelerator_error):
         return True

@@ -46,6 +46,7 @@ def _initialize(ctx: WorkerContext, num_blocks: int, block_size: int, max_num_se
     runner = ctx.state["runner"]
     runner.allocate_kv_cache(num_blocks, block_size, max_num_seqs, max_model_len)
     runner.warm_up_prefill(max_num_batched_tokens, max_model_len)
+    runner.warm_up_sampler(max_num_seqs)
     if not enforce_eager:
         runner.capture_decode_graphs(max_num_seqs, max_model_len)
 

@@ -9,6 +9,8 @@ import torch
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.selector import get_attention_backend
 from minivllm.config import ModelArchConfig
+from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
+from minivllm.distributed.sharding import kv_cache_heads_per_rank
 from minivllm.engine.scheduler_output import SchedulerOutput
 from minivllm.layers.sampler import Sampler, SamplingMetadata
 from minivllm.models.loader import load_model
@@ -24,14 +26,19 @@ class ModelRunner:
     """Input preparation, forward pass and sampling for one device."""
 
     def __init__(self, *, model_dir, arch: ModelArchConfig, device: torch.device, dtype: torch.dtype,
-                 load_format: str, seed: int, attention_backend: str, max_position: int) -> None:
+                 load_format: str, seed: int, attention_backend: str, max_position: int,
+                 tp_group: TensorParallelGroup | None = None) -> None:
+        """``tp_group``: this runner is one tensor-parallel rank; it holds that rank's shard of
+        the weights and of the KV cache (its KV heads). Every rank samples identically."""
         self.arch = arch
+        self.tp_group = tp_group
+        self.num_kv_cache_heads = kv_cache_heads_per_rank(arch, tp_rank_and_size(tp_group)[1])
         self.device = device
         self.dtype = dtype
         torch.manual_seed(seed)
         self.backend = get_attention_backend(attention_backend, device, arch.head_dim)
         self.model = load_model(arch, model_dir, self.backend, device, dtype, load_format, seed,
-                                max_position)
+                                max_position, tp_group=tp_group)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
@@ -46,7 +53,7 @@ class ModelRunner:
     def kv_bytes_per_block(self, block_size: int) -> int:
         a = self.arch
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * a.num_hidden_layers * block_size * a.num_key_value_heads * a.head_dim * elem
+        return 2 * a.num_hidden_layers * block_size * self.num_kv_cache_heads * a.head_dim * elem
 
     def auto_num_blocks(self, block_size: int, gpu_memory_utilization: float,
                         max_num_batched_tokens: int) -> int:
@@ -78,7 +85,7 @@ class ModelRunner:
         self.input_batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), block_size,
                                       self.arch.vocab_size, self.device)
         a = self.arch
-        shape = (num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_cache_heads, a.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(a.num_hidden_layers)]

@@ -4,7 +4,6 @@ chunked prefill, prefix caching and preemption in the mix; a killed worker fails
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import time
@@ -13,14 +12,8 @@ import pytest
 
 from minivllm import LLM, AsyncLLM, EngineDeadError, SamplingParams
 from minivllm.distributed import WorkerError
-from minivllm.runner.model_runner import ModelRunner
 from tests.conftest import random_prompts
 from tests.distributed.test_worker_group import _gone, _worker_children
-
-pytestmark = pytest.mark.skipif(
-    "tp_group" not in inspect.signature(ModelRunner.__init__).parameters,
-    reason="the model runner does not take a tp_group yet (issue 9, lead's part)")
-
 
 def _prompts():
     shared = random_prompts([40], seed=11)[0]

@@ -82,7 +82,8 @@ def test_invalid_sampling_params(kwargs, field):
     ({"block_size": 10}, "block_size"), ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"load_format": "pickle"}, "load_format"), ({"attention_backend": "flash"}, "attention_backend"),
     ({"dtype": "int8"}, "dtype"), ({"max_model_len": 100000}, "max_model_len"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+    ({"tensor_parallel_size": 3}, "tensor_parallel_size"),  # 4 heads do not split over 3 ranks
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
     ({"attention_backend": "triton"}, "head_dim"),  # tiny llama has head_dim 16: no kernel for it
 ])
 def test_invalid_engine_args(kwargs, message, tiny_model_dirs):
