@@ -63,7 +63,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             continue
         owner_name, _, param_name = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if not hasattr(owner, "load_weight"):
+        # Unsharded (TP=1 or a replicated parameter): draw in place, no full-size temporary.
+        if not hasattr(owner, "load_weight") or owner.full_shape(param_name) == tuple(param.shape):
             param.data.normal_(0.0, 0.02, generator=gen)
             continue
         full = torch.empty(owner.full_shape(param_name), dtype=param.dtype, device=device)
