@@ -41,7 +41,7 @@ def main() -> None:
         from benchmarks.w1 import run_w1
 
         if args.hf_prompts is None:
-            args.hf_prompts = 16
+            args.hf_prompts = 32
         run_w1(args)
         return
 
