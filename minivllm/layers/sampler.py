@@ -37,6 +37,8 @@ class SamplingMetadata:
     output_counts: torch.Tensor | None = None  # float32 [B, V]: occurrences in the output
     # bool [B, V] of tokens that must not be sampled now (EOS/stop ids before min_tokens).
     banned_mask: torch.Tensor | None = None
+    # False when no row is greedy: the greedy argmax over the batch is then skipped.
+    any_greedy: bool = True
 
 
 @dataclass
@@ -106,18 +108,20 @@ class Sampler:
         logits = apply_penalties(logits, md)
         if md.banned_mask is not None:
             logits = logits.masked_fill(md.banned_mask, float("-inf"))
-        greedy_ids = logits.argmax(dim=-1)
         if md.all_greedy:
-            sampled = greedy_ids
+            sampled = logits.argmax(dim=-1)
         else:
             is_greedy = md.temperature == 0
             temp = torch.where(is_greedy, torch.ones_like(md.temperature), md.temperature)
             scaled = filter_logits(logits / temp[:, None], md)
-            probs = scaled.softmax(dim=-1)
-            noise = exponential_noise(tuple(probs.shape), md.generators, self.default_generator,
-                                      probs.device)
-            drawn = (probs / noise).argmax(dim=-1)
-            sampled = torch.where(is_greedy, greedy_ids, drawn)
+            # Unnormalised probabilities: dividing by the row's sum would not move the argmax
+            # below, and skipping it saves two passes over [batch, vocab]. ``scaled`` is a fresh
+            # tensor (never ``logits``), so it is reused in place.
+            weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+            noise = exponential_noise(tuple(weights.shape), md.generators, self.default_generator,
+                                      weights.device)
+            drawn = weights.div_(noise).argmax(dim=-1)
+            sampled = torch.where(is_greedy, logits.argmax(dim=-1), drawn) if md.any_greedy else drawn
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         sampled_lp = raw_logprobs.gather(-1, sampled[:, None]).squeeze(-1)

@@ -115,6 +115,7 @@ class SamplingRows:
             any_min_p=bool((self.min_p[rows][sampling] > 0).any()),
             generators=[self.generators[r] for r in rows.tolist()],
             max_num_logprobs=int(self.num_logprobs[rows].max(initial=-1)),
+            any_greedy=bool((~sampling).any()),
         )
         if self.penalty is not None and self.uses_penalties[rows].any():
             self.penalty.fill(md, rows_dev)
