@@ -9,6 +9,7 @@ the scheduler's placeholders (see ``scheduler.py``) make that invisible to users
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -28,6 +29,7 @@ class EngineCore:
     """Owns the executor and the scheduler; knows nothing about text or tokenizers."""
 
     def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
         self.executor: Executor = _make_executor(config)
         cache, sched = config.cache, config.scheduler
         num_blocks = cache.num_kv_blocks or self.executor.num_available_kv_blocks(
@@ -48,8 +50,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
-        logger.info("KV cache: %d blocks of %d tokens; overlapped scheduling %s", num_blocks,
-                    cache.block_size, "on" if self.async_scheduling else "off")
+        self.startup_s = time.perf_counter() - start
+        logger.info("engine ready in %.1f s (load, KV cache, warm-up, graphs): %d KV blocks of %d "
+                    "tokens; overlapped scheduling %s", self.startup_s, num_blocks, cache.block_size,
+                    "on" if self.async_scheduling else "off")
 
     # ---- requests ------------------------------------------------------------------------
     @property
