@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, api_key=os.environ["MINIVLLM_API_KEY"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit(settings.max_open_connections)
-    engine = AsyncLLM(args.model, **_engine_kwargs(args))
+    engine = AsyncLLM(args.model, heartbeat_timeout_s=args.heartbeat_timeout, **_engine_kwargs(args))
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     try:
         return asyncio.run(serve(engine, name, args.host, args.port, settings))
@@ -130,6 +130,9 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="same as --model")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    s.add_argument("--heartbeat-timeout", type=float, default=60.0,
+                   help="seconds without a sign of life from the engine core before /health "
+                        "answers 503 (a hung core; default 60)")
     s.add_argument("--served-model-name", default=None,
                    help="model name in the API (default: --model, or smollm2-135m-instruct)")
     s.add_argument("--api-key", default=None,
