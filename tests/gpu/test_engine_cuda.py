@@ -82,22 +82,17 @@ def test_triton_chunked_prefill_and_prefix_cache():
     assert same >= 0.8 * total
 
 
-def test_cuda_graph_decode_matches_eager():
+@pytest.mark.parametrize("label,reference,variant", [
+    ("CUDA graphs vs eager", {"enforce_eager": True}, {"enforce_eager": False}),
+    # Overlap on (the CUDA default) vs off: same kernels, tokens learnt one step later.
+    ("overlap vs sync", {"async_scheduling": False}, {"async_scheduling": True}),
+])
+def test_engine_variant_matches_reference(label, reference, variant):
     prompts = _prompts(151936)
-    eager, _ = _run("triton", prompts, enforce_eager=True)
-    graphs, _ = _run("triton", prompts, enforce_eager=False)
-    same, total = _compare(eager, graphs)
-    print(f"CUDA graphs vs eager: {same}/{total} greedy tokens identical")
-    assert same >= 0.8 * total
-
-
-def test_overlapped_scheduling_matches_sync():
-    """Overlap on (the CUDA default) vs off: same kernels, tokens learnt one step later."""
-    prompts = _prompts(151936)
-    sync, _ = _run("triton", prompts, async_scheduling=False)
-    overlap, _ = _run("triton", prompts, async_scheduling=True)
-    same, total = _compare(sync, overlap)
-    print(f"overlap vs sync: {same}/{total} greedy tokens identical")
+    ref, _ = _run("triton", prompts, **reference)
+    out, _ = _run("triton", prompts, **variant)
+    same, total = _compare(ref, out)
+    print(f"{label}: {same}/{total} greedy tokens identical")
     assert same >= 0.8 * total
 
 
