@@ -14,6 +14,9 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8")
+QUANTIZATIONS = (None, "fp8", "int8")
+TASKS = ("auto", "generate", "classify", "embed")
 
 
 @dataclass(frozen=True)
@@ -168,12 +171,19 @@ class EngineConfig:
     skip_tokenizer_init: bool
     # Overlapped scheduling: prepare step N+1 while step N runs (resolved: on for CUDA).
     async_scheduling: bool = False
+    # "auto" stores K/V in the model dtype; "fp8" in float8 e4m3 with per-layer scales.
+    kv_cache_dtype: str = "auto"
+    # Weight quantisation applied at load time (None = weights as stored).
+    quantization: str | None = None
+    # What the engine runs: "generate" (causal LM), "classify" or "embed" (pooling models).
+    task: str = "generate"
 
 
 def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                          gpu_memory_utilization: float, num_kv_blocks: int | None,
                          load_format: str, tensor_parallel_size: int,
-                         max_model_len: int | None) -> None:
+                         max_model_len: int | None, kv_cache_dtype: str = "auto",
+                         quantization: str | None = None, task: str = "auto") -> None:
     """Raise ValueError with a message for any engine argument out of range."""
     def is_int(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
@@ -194,3 +204,16 @@ def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
     if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 1):
         raise ValueError(f"max_model_len must be a positive integer or None, got {max_model_len!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def resolve_task(task: str, arch: ModelArchConfig) -> str:
+    """``auto`` → ``classify`` for ``*ForSequenceClassification`` architectures, else ``generate``."""
+    if task != "auto":
+        return task
+    return "classify" if arch.architecture.endswith("ForSequenceClassification") else "generate"

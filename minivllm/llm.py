@@ -13,7 +13,7 @@ import torch
 
 from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
                              default_max_num_batched_tokens, resolve_device, resolve_dtype,
-                             validate_engine_args)
+                             resolve_task, validate_engine_args)
 from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
@@ -33,7 +33,8 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
                         enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
                         attention_backend: str = "auto", tensor_parallel_size: int = 1,
                         skip_tokenizer_init: bool = False,
-                        async_scheduling: bool | None = None) -> EngineConfig:
+                        async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                        quantization: str | None = None, task: str = "auto") -> EngineConfig:
     """Validate user arguments once and resolve them into a frozen ``EngineConfig``.
 
     The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
@@ -51,7 +52,15 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
                          max_num_batched_tokens=max_num_batched_tokens,
                          gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
                          load_format=load_format, tensor_parallel_size=tensor_parallel_size,
-                         max_model_len=max_model_len)
+                         max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
+                         quantization=quantization, task=task)
+    # Seams for issues 11/12; each consumer removes its line when it lands.
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet")
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} is not implemented yet")
+    if task not in ("auto", "generate"):
+        raise ValueError(f"task={task!r} is not implemented yet")
     from minivllm.models.embedded import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
@@ -75,7 +84,8 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
         seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
         tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
-        async_scheduling=async_scheduling)
+        async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
+        quantization=quantization, task=resolve_task(task, arch))
 
 
 class LLM:
@@ -94,7 +104,8 @@ class LLM:
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0,
                  load_format: str = "auto", attention_backend: str = "auto",
                  tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False,
-                 async_scheduling: bool | None = None) -> None:
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                 quantization: str | None = None, task: str = "auto") -> None:
         self.config = build_engine_config(
             model, dtype=dtype, device=device, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -103,7 +114,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
             load_format=load_format, attention_backend=attention_backend,
             tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization, task=task)
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.eos_token_ids = frontend.eos_token_ids
