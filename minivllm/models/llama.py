@@ -20,7 +20,6 @@ from minivllm.attention.metadata import AttentionMetadata
 from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.sharding import check_tensor_parallel
-from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import PagedAttention
 from minivllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
@@ -77,10 +76,10 @@ class GatedMLP(nn.Module):
             hidden_size, [intermediate_size] * 2, bias=False, tp_group=tp_group)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
                                            tp_group=tp_group)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # The activation runs inside down_proj: fused into its matmul at batch-1 decode.
+        return self.down_proj(self.gate_up_proj(x), input_act="silu_and_mul")
 
 
 class DecoderLayer(nn.Module):

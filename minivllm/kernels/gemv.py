@@ -1,0 +1,133 @@
+"""Triton kernel: ``y = x @ W.T (+ b)`` for a few rows of ``x`` (batch-1..4 decode).
+
+At batch 1 a linear layer is a matrix-vector product that reads the whole weight once; its
+time is the weight's bytes over the memory bandwidth. cuBLAS picks latency-bound kernels for
+the 4–12 MB weights of a small model (5–6 µs where the bytes take 2–4 µs on an H100), so this
+kernel spreads the output features over enough programs to keep every SM streaming: each
+program owns ``BLOCK_N`` output features and walks the whole reduction dimension, reading its
+weight rows once for all (at most ``MAX_ROWS``) input rows.
+
+``act="silu_and_mul"`` reads ``x`` as ``cat(gate, up)`` (width ``2 * K``) and multiplies the
+weight by ``silu(gate) * up`` computed on the fly: the MLP's activation kernel disappears into
+the down projection. Its numerics follow the separate activation kernel (silu rounded to the
+activation dtype, then the product rounded), so outputs match the unfused path's rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from minivllm.kernels.common import cdiv, num_sms
+
+# Rows handled by the GEMV path: beyond this a GEMM (cuBLAS) reuses weights across rows better.
+MAX_ROWS = 4
+ACTIVATIONS = (None, "silu_and_mul")
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
+                 M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_w
+    # One [BLOCK_N, BLOCK_K] float32 partial sum per input row; reduced over K once at the end.
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < K
+        w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        for m in tl.static_range(M):
+            xs = x_ptr + m * stride_x + cols
+            if SILU_AND_MUL:
+                gate = tl.load(xs, mask=mask_k, other=0.0).to(tl.float32)
+                up = tl.load(xs + K, mask=mask_k, other=0.0).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+                xv = (act * up).to(dtype).to(tl.float32)
+            else:
+                xv = tl.load(xs, mask=mask_k, other=0.0).to(tl.float32)
+            prod = w * xv[None, :]
+            if m == 0:
+                acc0 += prod
+            elif m == 1:
+                acc1 += prod
+            elif m == 2:
+                acc2 += prod
+            else:
+                acc3 += prod
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m in tl.static_range(M):
+        if m == 0:
+            y = tl.sum(acc0, axis=1)
+        elif m == 1:
+            y = tl.sum(acc1, axis=1)
+        elif m == 2:
+            y = tl.sum(acc2, axis=1)
+        else:
+            y = tl.sum(acc3, axis=1)
+        tl.store(out_ptr + m * stride_out + rows_n, (y + bias).to(dtype), mask=mask_n)
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_config(n: int, k: int, sms: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps)`` for an ``[n, k]`` weight on ``sms`` SMs.
+
+    Four weight rows per program: the most programs, so the most bytes in flight, which is
+    what a bandwidth-bound GEMV needs; wide K tiles (16-byte loads for every thread of 8
+    warps) once K allows. Chosen from a sweep on an H100 over Qwen3 0.6B/4B/8B decode shapes
+    (benchmarks/gemv_sweep.py): within 10 % of the best config for each of them.
+    """
+    block_n = 4 if n >= 4 * sms else 2
+    block_k = 1024 if k >= 2048 else 512
+    num_warps = 8 if n <= 8192 else 4
+    return block_n, block_k, num_warps
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         act: str | None = None, *, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``act(x) @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows.
+
+    ``x``: ``[M, K]`` (``[M, 2K]`` for ``act="silu_and_mul"``), last dimension contiguous;
+    ``weight``: ``[N, K]`` contiguous rows. The launch depends only on the shapes, so the
+    call is CUDA-graph capturable. ``config`` overrides :func:`gemv_config` (benchmarks).
+
+    Raises:
+        ValueError: on more than ``MAX_ROWS`` rows, mismatched shapes or dtypes, or an
+        unknown ``act``.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"gemv wants 2-D x and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    x_width = 2 * k if act == "silu_and_mul" else k
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemv handles 1..{MAX_ROWS} rows, got {m}")
+    if x.shape[1] != x_width:
+        raise ValueError(f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} wants {x_width}")
+    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must share a dtype and have contiguous last dimensions")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] of {x.dtype}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or gemv_config(n, k, num_sms(x.device))
+    _gemv_kernel[(cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        M=m, HAS_BIAS=bias is not None, SILU_AND_MUL=act == "silu_and_mul",
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out
