@@ -29,14 +29,66 @@ ACTIVATIONS = (None, "silu_and_mul")
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
+def _input_chunk(x_ptr, res_ptr, norm_w_ptr, cols, mask_k, K, rstd, dtype,
+                 ADD_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+    """Columns ``cols`` of one input row, after the fused input op, as float32.
+
+    Every intermediate is rounded to the activation dtype where the unfused torch code rounds
+    (residual sum, silu, normalised value, product with the norm weight)."""
+    if SILU_AND_MUL:
+        gate = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=mask_k, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        xv = (act * up).to(dtype).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+        if ADD_RESIDUAL:
+            r = tl.load(res_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            xv = (xv + r).to(dtype).to(tl.float32)
+        if RMS_NORM:
+            nw = tl.load(norm_w_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+            xv = ((xv * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+    return xv
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+                 N, K, stride_x, stride_w, stride_out, stride_res, eps,
                  M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 ADD_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows_n < N
     offs_k = tl.arange(0, BLOCK_K)
     dtype = out_ptr.dtype.element_ty
+    # RMSNorm statistics of each input row: every program reads the (small, L2-resident) row
+    # once more for them; program 0 also stores the new residual stream (x + residual).
+    rstd0 = 1.0
+    rstd1 = 1.0
+    rstd2 = 1.0
+    rstd3 = 1.0
+    if RMS_NORM:
+        for m in tl.static_range(M):
+            sumsq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + offs_k
+                mask_k = cols < K
+                v = _input_chunk(x_ptr + m * stride_x, res_ptr + m * stride_res, norm_w_ptr,
+                                 cols, mask_k, K, 1.0, dtype, ADD_RESIDUAL, False, False)
+                sumsq += v * v
+                if ADD_RESIDUAL:
+                    if pid == 0:
+                        tl.store(res_out_ptr + m * K + cols, v.to(dtype), mask=mask_k)
+            rstd = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
+            if m == 0:
+                rstd0 = rstd
+            elif m == 1:
+                rstd1 = rstd
+            elif m == 2:
+                rstd2 = rstd
+            else:
+                rstd3 = rstd
     w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_w
     # One [BLOCK_N, BLOCK_K] float32 partial sum per input row; reduced over K once at the end.
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -49,14 +101,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_x, stride_w, stride_
         w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
         for m in tl.static_range(M):
-            xs = x_ptr + m * stride_x + cols
-            if SILU_AND_MUL:
-                gate = tl.load(xs, mask=mask_k, other=0.0).to(tl.float32)
-                up = tl.load(xs + K, mask=mask_k, other=0.0).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-                xv = (act * up).to(dtype).to(tl.float32)
+            if m == 0:
+                rstd = rstd0
+            elif m == 1:
+                rstd = rstd1
+            elif m == 2:
+                rstd = rstd2
             else:
-                xv = tl.load(xs, mask=mask_k, other=0.0).to(tl.float32)
+                rstd = rstd3
+            xv = _input_chunk(x_ptr + m * stride_x, res_ptr + m * stride_res, norm_w_ptr,
+                              cols, mask_k, K, rstd, dtype, ADD_RESIDUAL, RMS_NORM,
+                              SILU_AND_MUL)
             prod = w * xv[None, :]
             if m == 0:
                 acc0 += prod
@@ -97,6 +152,42 @@ def gemv_config(n: int, k: int, sms: int) -> tuple[int, int, int]:
     return block_n, block_k, num_warps
 
 
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    x_width: int) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"gemv wants 2-D x and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    m, n = x.shape[0], weight.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemv handles 1..{MAX_ROWS} rows, got {m}")
+    if x.shape[1] != x_width:
+        raise ValueError(f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} wants {x_width}")
+    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must share a dtype and have contiguous last dimensions")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] of {x.dtype}")
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+            silu_and_mul: bool = False, residual: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residual_out: torch.Tensor | None = None,
+            config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or gemv_config(n, k, num_sms(x.device))
+    _gemv_kernel[(cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out,
+        residual if residual is not None else x,
+        norm_weight if norm_weight is not None else weight,
+        residual_out if residual_out is not None else out,
+        n, k, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, eps,
+        M=m, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul,
+        ADD_RESIDUAL=residual is not None, RMS_NORM=norm_weight is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          act: str | None = None, *, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``act(x) @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows.
@@ -111,23 +202,31 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"gemv wants 2-D x and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    x_width = 2 * k if act == "silu_and_mul" else k
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"gemv handles 1..{MAX_ROWS} rows, got {m}")
-    if x.shape[1] != x_width:
-        raise ValueError(f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} wants {x_width}")
-    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("x and weight must share a dtype and have contiguous last dimensions")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be [{n}] of {x.dtype}")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or gemv_config(n, k, num_sms(x.device))
-    _gemv_kernel[(cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
-        M=m, HAS_BIAS=bias is not None, SILU_AND_MUL=act == "silu_and_mul",
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    return out
+    k = weight.shape[-1]
+    _check_operands(x, weight, bias, 2 * k if act == "silu_and_mul" else k)
+    return _launch(x, weight, bias, silu_and_mul=act == "silu_and_mul", config=config)
+
+
+def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual) @ weight.T + bias, x + residual)`` in one launch.
+
+    The pre-norm of a transformer block folded into the matmul after it; without
+    ``residual`` the norm is of ``x`` and ``x`` is returned as the residual stream.
+    Numerics follow :mod:`minivllm.kernels.rms_norm` then :func:`gemv`.
+
+    Raises:
+        ValueError: as :func:`gemv`, or on a residual / norm weight of the wrong shape.
+    """
+    k = weight.shape[-1]
+    _check_operands(x, weight, bias, k)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"residual must match x {tuple(x.shape)} / {x.dtype}")
+    if norm_weight.shape != (k,):
+        raise ValueError(f"norm weight must be [{k}], got {tuple(norm_weight.shape)}")
+    residual_out = torch.empty_like(x) if residual is not None else None
+    out = _launch(x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps,
+                  residual_out=residual_out)
+    return out, (residual_out if residual_out is not None else x)

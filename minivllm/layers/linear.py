@@ -19,7 +19,8 @@ from torch import nn
 
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import divide, first_kv_head, kv_heads_per_rank
-from minivllm.layers.dense import dense_linear, silu_and_mul_linear
+from minivllm.layers.dense import dense_linear, silu_and_mul_linear, uses_gemv
+from minivllm.layers.norm import RMSNorm
 from minivllm.layers.weight_loading import (WeightSource, check_shape, copy_replicated,
                                             read_range)
 
@@ -74,6 +75,23 @@ class MergedColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias)
+
+    def forward_with_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x + residual)), x + residual)``: a block's pre-norm and this layer.
+
+        Without ``residual`` (the first block) the norm is of ``x``, which is returned as the
+        residual stream. At batch-1 decode on CUDA the norm runs inside the GEMV kernel: one
+        launch instead of two, and the normalised row never goes through memory.
+        """
+        if uses_gemv(x, self.weight) and norm.weight.dtype == x.dtype:
+            from minivllm.kernels.gemv import rms_norm_gemv  # only the CUDA path needs triton
+
+            return rms_norm_gemv(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
 
     # ---- loading -------------------------------------------------------------------------
     def full_shape(self, param_name: str) -> tuple[int, ...]:

@@ -56,7 +56,11 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.attend(positions, self.qkv_proj(x), kv_cache, meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the qkv projection: norms, rotary, paged attention, ``o_proj``."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -94,14 +98,14 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group)
 
     def forward(self, positions, x, residual, kv_cache, meta):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each pre-norm (with the residual add before it) runs folded into the projection
+        # after it; see MergedColumnParallelLinear.forward_with_norm.
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.forward_with_norm(x, residual, self.input_layernorm)
+        x = attn.attend(positions, qkv, kv_cache, meta)
+        gate_up, residual = mlp.gate_up_proj.forward_with_norm(x, residual,
+                                                                self.post_attention_layernorm)
+        return mlp.down_proj(gate_up, input_act="silu_and_mul"), residual
 
 
 # HF checkpoint name fragment → (our fused parameter, shard index).

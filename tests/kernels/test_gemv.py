@@ -74,3 +74,29 @@ def test_row_parallel_input_act_is_silu_and_mul_then_matmul(generator):
     torch.testing.assert_close(layer(x, input_act="silu_and_mul"), expected)
     with pytest.raises(ValueError, match="input_act"):
         layer(x, input_act="relu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_gemv_matches_norm_then_linear(dtype, with_residual, device, generator):
+    """The pre-norm folded into the matmul: same output as rms_norm → linear, and the new
+    residual stream bit-identical to torch's ``x + residual``."""
+    from minivllm.kernels.gemv import rms_norm_gemv
+    from minivllm.layers.norm import rms_norm_torch
+
+    for m, n, k in [(1, 70, 1100), (3, 33, 96)]:
+        x = (3 * torch.randn(m, k, generator=generator)).to(dtype).to(device)
+        res = torch.randn(m, k, generator=generator).to(dtype).to(device) if with_residual else None
+        norm_w = (1 + 0.1 * torch.randn(k, generator=generator)).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=generator) / k ** 0.5).to(dtype).to(device)
+        b = torch.randn(n, generator=generator).to(dtype).to(device)
+        out, new_res = rms_norm_gemv(x, res, norm_w, 1e-6, w, b)
+        stream = x if res is None else x + res
+        assert torch.equal(new_res, stream)
+        normed = rms_norm_torch(stream, norm_w, 1e-6)
+        ref, x_used = _reference(normed, w, b, None)
+        scale = F.linear(x_used.abs(), w.double().abs()) + b.double().abs()
+        err = ((out.double() - ref).abs() / scale).max().item()
+        # One more rounding than plain gemv: the normalised value may round the other way
+        # when float32 sums of squares differ in order (one ulp of the input dtype).
+        assert err <= 4 * ULP[dtype] + k * 2.0 ** -24, (m, n, k, err)
