@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minivllm.kernels.common import cdiv, num_sms
+from minivllm.kernels.common import cdiv, num_sms, pdl_options
 
 # Rows handled by the GEMV path: beyond this a GEMM (cuBLAS) reuses weights across rows better.
 MAX_ROWS = 4
@@ -52,16 +52,53 @@ def _input_chunk(x_ptr, res_ptr, norm_w_ptr, cols, mask_k, K, rstd, dtype,
 
 
 @triton.jit
+def _accumulate(acc0, acc1, acc2, acc3, w, x_ptr, res_ptr, norm_w_ptr, cols, mask_k, K,
+                stride_x, stride_res, rstd0, rstd1, rstd2, rstd3, dtype, M: tl.constexpr,
+                ADD_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+    """Add one K tile of ``w * input_row`` to each row's partial sums."""
+    for m in tl.static_range(M):
+        if m == 0:
+            rstd = rstd0
+        elif m == 1:
+            rstd = rstd1
+        elif m == 2:
+            rstd = rstd2
+        else:
+            rstd = rstd3
+        xv = _input_chunk(x_ptr + m * stride_x, res_ptr + m * stride_res, norm_w_ptr, cols,
+                          mask_k, K, rstd, dtype, ADD_RESIDUAL, RMS_NORM, SILU_AND_MUL)
+        prod = w * xv[None, :]
+        if m == 0:
+            acc0 += prod
+        elif m == 1:
+            acc1 += prod
+        elif m == 2:
+            acc2 += prod
+        else:
+            acc3 += prod
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
                  N, K, stride_x, stride_w, stride_out, stride_res, eps,
                  M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows_n < N
     offs_k = tl.arange(0, BLOCK_K)
     dtype = out_ptr.dtype.element_ty
+    w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_w
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    # The first weight tile is read before waiting for the previous kernel: weights are never
+    # written by one, so this load overlaps that kernel's tail (launched with PDL).
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     # RMSNorm statistics of each input row: every program reads the (small, L2-resident) row
     # once more for them; program 0 also stores the new residual stream (x + residual).
     rstd0 = 1.0
@@ -89,38 +126,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
                 rstd2 = rstd
             else:
                 rstd3 = rstd
-    w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_w
     # One [BLOCK_N, BLOCK_K] float32 partial sum per input row; reduced over K once at the end.
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc0, acc1, acc2, acc3 = _accumulate(
+        acc0, acc1, acc2, acc3, w, x_ptr, res_ptr, norm_w_ptr, offs_k, offs_k < K, K,
+        stride_x, stride_res, rstd0, rstd1, rstd2, rstd3, dtype, M, ADD_RESIDUAL, RMS_NORM,
+        SILU_AND_MUL)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + offs_k
         mask_k = cols < K
         w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
-        for m in tl.static_range(M):
-            if m == 0:
-                rstd = rstd0
-            elif m == 1:
-                rstd = rstd1
-            elif m == 2:
-                rstd = rstd2
-            else:
-                rstd = rstd3
-            xv = _input_chunk(x_ptr + m * stride_x, res_ptr + m * stride_res, norm_w_ptr,
-                              cols, mask_k, K, rstd, dtype, ADD_RESIDUAL, RMS_NORM,
-                              SILU_AND_MUL)
-            prod = w * xv[None, :]
-            if m == 0:
-                acc0 += prod
-            elif m == 1:
-                acc1 += prod
-            elif m == 2:
-                acc2 += prod
-            else:
-                acc3 += prod
+        acc0, acc1, acc2, acc3 = _accumulate(
+            acc0, acc1, acc2, acc3, w, x_ptr, res_ptr, norm_w_ptr, cols, mask_k, K,
+            stride_x, stride_res, rstd0, rstd1, rstd2, rstd3, dtype, M, ADD_RESIDUAL,
+            RMS_NORM, SILU_AND_MUL)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -171,7 +194,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
             silu_and_mul: bool = False, residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             residual_out: torch.Tensor | None = None,
-            config: tuple[int, int, int] | None = None) -> torch.Tensor:
+            config: tuple[int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or gemv_config(n, k, num_sms(x.device))
@@ -184,17 +207,20 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
         residual.stride(0) if residual is not None else 0, eps,
         M=m, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul,
         ADD_RESIDUAL=residual is not None, RMS_NORM=norm_weight is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        **(pdl_options(x.device) if pdl else {"USE_PDL": False}))
     return out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         act: str | None = None, *, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         act: str | None = None, *, config: tuple[int, int, int] | None = None,
+         pdl: bool = True) -> torch.Tensor:
     """``act(x) @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows.
 
     ``x``: ``[M, K]`` (``[M, 2K]`` for ``act="silu_and_mul"``), last dimension contiguous;
     ``weight``: ``[N, K]`` contiguous rows. The launch depends only on the shapes, so the
-    call is CUDA-graph capturable. ``config`` overrides :func:`gemv_config` (benchmarks).
+    call is CUDA-graph capturable. ``config`` overrides :func:`gemv_config`; ``pdl=False``
+    launches without programmatic dependent launch (both for benchmarks).
 
     Raises:
         ValueError: on more than ``MAX_ROWS`` rows, mismatched shapes or dtypes, or an
@@ -204,7 +230,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     k = weight.shape[-1]
     _check_operands(x, weight, bias, 2 * k if act == "silu_and_mul" else k)
-    return _launch(x, weight, bias, silu_and_mul=act == "silu_and_mul", config=config)
+    return _launch(x, weight, bias, silu_and_mul=act == "silu_and_mul", config=config, pdl=pdl)
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
