@@ -8,13 +8,22 @@ from typing import Any
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(model_dir: Path):
-    """The HF tokenizer in ``model_dir``, or None when the directory has none (dummy models)."""
-    if not any((Path(model_dir) / f).exists() for f in _TOKENIZER_FILES):
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The HF tokenizer in ``model_dir``, or None when the directory has none (dummy models).
+
+    ``trust_remote_code`` lets a tokenizer class shipped as code with the model run (HF's flag).
+    """
+    if not has_tokenizer_files(model_dir):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                         trust_remote_code=trust_remote_code)
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    """Whether ``directory`` holds the files of an HF tokenizer."""
+    return any((Path(directory) / f).exists() for f in _TOKENIZER_FILES)
 
 
 def _message_text(content: Any) -> str:
