@@ -69,7 +69,8 @@ def download_snapshot(repo_id: str, revision: str | None = None, *, tokenizer_on
         patterns += REMOTE_CODE_PATTERNS
     cache = hub_cache_dir()
     offline = hub_offline()
-    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    what = "tokenizer" if tokenizer_only else "model"
+    where = f"{what} {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         path = snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                  local_files_only=offline, allow_patterns=patterns)
@@ -77,14 +78,14 @@ def download_snapshot(repo_id: str, revision: str | None = None, *, tokenizer_on
         # RevisionNotFoundError subclasses HfHubHTTPError: caught first.
         kind = {RevisionNotFoundError: "revision not found", GatedRepoError: "gated repo: log in "
                 "with `hf auth login` or set HF_TOKEN"}.get(type(e), "repo not found (or private)")
-        raise ValueError(f"cannot get model {where} from the hub: {kind}") from None
+        raise ValueError(f"cannot get {where} from the hub: {kind}") from None
     except LocalEntryNotFoundError as e:
         if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x: say what is missing
-            raise ValueError(f"model {where}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         reason = ("HF_HUB_OFFLINE is set" if offline else
                   "the hub could not be reached")
-        raise ValueError(f"model {where} is not a local path, and it is not in the HF cache "
+        raise ValueError(f"{where} is not a local path, and it is not in the HF cache "
                          f"({cache}) while {reason}") from None
     except (HfHubHTTPError, OSError) as e:
-        raise ValueError(f"cannot get model {where} from the hub: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot get {where} from the hub: {type(e).__name__}: {e}") from None
     return Path(path)
