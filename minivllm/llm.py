@@ -60,8 +60,15 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one OpenAI-style conversation or a list of them."""
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate replies to one OpenAI-style conversation or a list of them.
+
+        ``chat_template`` replaces the tokenizer's template; ``chat_template_kwargs`` are extra
+        template variables; ``continue_final_message=True`` (with ``add_generation_prompt=False``)
+        makes the model continue the last, assistant, message instead of starting a new one.
+        """
         if self.tokenizer is None:
             raise ValueError("chat() needs a tokenizer")
         if not isinstance(messages, list) or not messages:
@@ -69,7 +76,10 @@ class LLM:
         conversations = messages if isinstance(messages[0], list) else [messages]
         processed = []
         for conv in conversations:
-            text = render_chat(self.tokenizer, conv)
+            text = render_chat(self.tokenizer, conv, chat_template=chat_template,
+                               chat_template_kwargs=chat_template_kwargs,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             processed.append(ProcessedPrompt(text, ids))
         return self._run(processed, self._params_list(sampling_params, len(processed)), use_tqdm)

@@ -78,3 +78,33 @@ def test_output_processor_builds_logprobs_and_streams_finished():
 def test_finished_is_a_method():
     assert CompletionOutput(0, "", [], finish_reason=None).finished() is False
     assert CompletionOutput(0, "x", [1], finish_reason="stop").finished() is True
+
+
+ONE = SamplingParams(temperature=0, max_tokens=1)
+
+
+def test_chat_template_arguments(smol_llm):
+    user = [{"role": "user", "content": "Hi"}]
+    own = smol_llm.chat(user, ONE, use_tqdm=False)[0].prompt
+    assert own.endswith("<|im_start|>assistant\n")  # SmolLM2's template, generation prompt on
+    plain = smol_llm.chat(user, ONE, use_tqdm=False, add_generation_prompt=False)[0].prompt
+    assert own.startswith(plain) and not plain.endswith("assistant\n")
+    template = "{% for m in messages %}{{ greeting }}{{ m['content'] }}|{% endfor %}"
+    out = smol_llm.chat(user, ONE, use_tqdm=False, chat_template=template,
+                        chat_template_kwargs={"greeting": "Yo "})[0]
+    assert out.prompt == "Yo Hi|"
+    assert out.prompt_token_ids == smol_llm.get_tokenizer()("Yo Hi|", add_special_tokens=False)["input_ids"]
+    convo = user + [{"role": "assistant", "content": "The capital of France is"}]
+    cont = smol_llm.chat(convo, ONE, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    assert cont.prompt.endswith("The capital of France is")  # the reply is left open
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(continue_final_message=True), "cannot both be True"),
+    (dict(continue_final_message=True, add_generation_prompt=False), "last message to be from the assistant"),
+    (dict(chat_template_kwargs={"tokenize": True}), "may not set tokenize"),
+    (dict(chat_template="{{ raise_exception('no way') }}"), "chat template failed: no way"),
+])
+def test_bad_chat_template_arguments_are_value_errors(smol_llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        smol_llm.chat([{"role": "user", "content": "Hi"}], ONE, use_tqdm=False, **kwargs)
