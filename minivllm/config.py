@@ -177,6 +177,10 @@ class EngineConfig:
     quantization: str | None = None
     # What the engine runs: "generate" (causal LM), "classify" or "embed" (pooling models).
     task: str = "generate"
+    # A tokenizer directory other than ``model_dir`` (None: the model's own).
+    tokenizer_dir: Path | None = None
+    # Passed to the HF tokenizer loading: allow code shipped with the model to run.
+    trust_remote_code: bool = False
 
 
 def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,

@@ -34,7 +34,7 @@ from minivllm.engine.input_processor import (ProcessedPrompt, PromptType, check_
 from minivllm.engine.scheduler import check_prompt_fits
 from minivllm.engine.serialization import outputs_from_wire, params_to_wire
 from minivllm.engine.stream import RequestFailedError, RequestStream
-from minivllm.llm import build_engine_config
+from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
@@ -54,7 +54,8 @@ class _Stream:
 
 
 class AsyncLLM:
-    """Async, streaming engine. Takes the same arguments as ``LLM``, plus:
+    """Async, streaming engine. Takes the same arguments as ``LLM`` (the fields of
+    ``EngineArgs``), plus:
 
     ``heartbeat_timeout_s``: ``check_health()`` raises ``EngineHungError`` once the engine
     core has not been heard from for this long (it reports at least every 0.5 s between steps,
@@ -68,7 +69,7 @@ class AsyncLLM:
                 or not math.isfinite(heartbeat_timeout_s) or heartbeat_timeout_s <= 0):
             raise ValueError(f"heartbeat_timeout_s must be a positive number, got {heartbeat_timeout_s!r}")
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
-        self.config = build_engine_config(model, **engine_kwargs)
+        self.config = EngineArgs.from_kwargs(model, engine_kwargs, "AsyncLLM").create_engine_config()
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.input_processor = frontend.input_processor

@@ -124,10 +124,12 @@ class EngineCore:
             token = output.token_ids[i]
             finish, stop_reason = self._check_stop(req, token)
             lps, slp = output.logprobs[i], output.sampled_logprobs[i]
+            rank = output.sampled_ranks[i] if output.sampled_ranks is not None else None
             result.outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lps] if lps is not None else None,
                 new_sampled_logprobs=[slp] if slp is not None else None,
+                new_sampled_ranks=[rank] if rank is not None else None,
                 finish_reason=finish, stop_reason=stop_reason,
                 num_cached_tokens=req.num_cached_tokens))
             if finish is not None:

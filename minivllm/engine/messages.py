@@ -13,6 +13,7 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]] | None = None
     new_sampled_logprobs: list[float] | None = None
+    new_sampled_ranks: list[int] | None = None  # rank of each new token among its step's logprobs
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0

@@ -67,3 +67,5 @@ class ModelRunnerOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
     sampled_logprobs: list[float | None]
+    # 1-based rank of each sampled token among its step's logprobs (None: not asked for).
+    sampled_ranks: list[int | None] | None = None
