@@ -7,6 +7,7 @@ import sys
 import time
 
 from minivllm.entrypoints.openai.settings import ServerSettings
+from minivllm.entrypoints.worker import add_worker_parser
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(s)
     _add_serve_args(s)
     s.set_defaults(func=_serve)
+    add_worker_parser(sub)
     return parser
 
 
