@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import pickle
 import subprocess
@@ -40,6 +41,8 @@ from typing import Any
 from minivllm.distributed.init import default_backend, destroy_distributed, init_distributed
 from minivllm.distributed.nodes import NodeLayout, publish_worker_spec
 from minivllm.distributed.worker_proc import WorkerContext, WorkerSpec, worker_device, worker_main
+
+logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 50
 # After a control connection closes, how long a local worker gets to show an exit code before
@@ -166,6 +169,11 @@ class WorkerGroup:
                               self.worker_num_threads, os.getpid())
         if self.nodes is not None:
             publish_worker_spec(self._store, template)
+            logger.info("tensor parallelism over %d nodes: waiting up to %.0f s for ranks %d..%d "
+                        "(`minivllm worker --master-addr %s --master-port %d --nnodes %d "
+                        "--node-rank K` on each other node)", self.nodes.nnodes,
+                        self.startup_timeout_s, self.local_world_size, self.world_size - 1,
+                        self.nodes.master_addr, self.nodes.master_port, self.nodes.nnodes)
         for rank in range(1, self.local_world_size):
             self._procs[rank] = _launch_worker(dataclasses.replace(template, rank=rank))
         # Whatever happens to this object or the interpreter, the workers go with it.
