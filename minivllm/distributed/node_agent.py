@@ -2,7 +2,7 @@
 
 The agent waits for the engine (rank 0, on node 0) to publish the group's description in the
 rendezvous store at ``MASTER_ADDR:MASTER_PORT``, starts this node's ranks as child processes
-(``python -m minivllm.distributed.worker_proc`` with ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` set,
+(``python -m minivllm.distributed`` with ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` set,
 as torchrun would) and supervises them: when one fails the others are stopped; when all have
 stopped the agent exits with the first non-zero code (0 after the engine's orderly shutdown).
 """

@@ -4,7 +4,7 @@ Host 0 runs the engine. Its process is rank 0; it starts ranks ``1..L-1`` locall
 per host) and hosts the rendezvous: a ``torch.distributed`` TCPStore on ``MASTER_PORT``, in
 which it publishes the worker start-up description (backend, device type, control-channel
 address). Every other host runs ``minivllm worker`` (or one ``python -m
-minivllm.distributed.worker_proc`` per rank under a launcher that sets ``RANK``/``WORLD_SIZE``,
+minivllm.distributed`` per rank under a launcher that sets ``RANK``/``WORLD_SIZE``,
 as torchrun does), which reads that description from the store and joins the same process
 group and the same control channel.
 

@@ -2,7 +2,7 @@
 
 Started by ``WorkerGroup`` on the engine's host (spec on stdin), or on another host by
 ``minivllm worker`` / any launcher that sets torchrun's variables (``python -m
-minivllm.distributed.worker_proc``: rank from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, the rest
+minivllm.distributed``: rank from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``, the rest
 read from the rendezvous store at ``MASTER_ADDR:MASTER_PORT``, see :mod:`.nodes`).
 
 Control messages come from rank 0 over ZMQ (DEALER here, ROUTER there), pickled:
@@ -193,9 +193,3 @@ def _serve(sock, monitor, ctx: WorkerContext, send, parent_pid: int | None) -> i
         result = fn(ctx, *args, **kwargs)
         send("ok", (seq, result))
 
-
-if __name__ == "__main__":
-    # Through the package module (not this __main__ copy), so pickled specs match its classes.
-    from minivllm.distributed.worker_proc import run_from_env as _run_from_env
-
-    _run_from_env()
