@@ -348,8 +348,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096, help="W1's (default %(default)s)")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--num-prompts", type=int, default=256, help="first N of W1 (default %(default)s)")
-    ap.add_argument("--request-rate", type=float, default=float("inf"),
-                    help="Poisson arrivals per second (default inf: all at once)")
+    ap.add_argument("--request-rate", type=float, default=None,
+                    help="Poisson arrivals per second; inf: all at once (default; 20 with --smoke)")
     ap.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     ap.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     ap.add_argument("--no-logprobs", dest="logprobs", action="store_false",
@@ -368,11 +368,15 @@ def main() -> None:
         args.model, args.device, args.dtype, args.max_model_len = _tiny_model_dir(), "cpu", "float32", 256
         if args.num_prompts == 256:
             args.num_prompts = 8
-        if args.request_rate == float("inf"):
+        if args.request_rate is None:
             args.request_rate = 20.0
         requests = smoke_requests(args.num_prompts, 512, args.seed)
     else:
         requests = w1_requests(args.num_prompts, args.seed)
+    if args.request_rate is None:
+        args.request_rate = float("inf")
+    if args.request_rate <= 0:
+        raise SystemExit("--request-rate must be > 0 (inf: all at once)")
     engine_kwargs = dict(load_format=args.load_format, dtype=args.dtype, device=args.device,
                          max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=0)
     engine_flags = ["--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,

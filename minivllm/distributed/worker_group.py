@@ -18,9 +18,10 @@ listens on ``MASTER_PORT`` and the control socket on all interfaces, and the ran
 hosts (started there by ``minivllm worker``) find both through the store.
 
 Failures: a worker that raises reports the traceback and exits; a local worker that dies is
-seen by its exit code, a remote one by its control connection closing. Either makes rank 0 raise :class:`WorkerError` within about a poll interval (or,
-if rank 0 is inside a collective, as soon as gloo notices the closed connection), and the group
-is then unusable: ``shutdown()`` is the only thing left to do.
+seen by its exit code, a remote one by its control connection closing. Either makes rank 0
+raise :class:`WorkerError` within about a poll interval (or, if rank 0 is inside a collective,
+as soon as gloo notices the closed connection), and the group is then unusable: ``shutdown()``
+is the only thing left to do.
 """
 
 from __future__ import annotations
