@@ -303,8 +303,8 @@ class WorkerGroup:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results, rank 0 first.
 
         ``fn`` must be importable by name (a module-level function of an importable module,
-        not of ``__main__``) and its arguments and result picklable. Rank 0 runs it after sending it to the workers, so all ranks enter
-        its collectives together.
+        not of ``__main__``) and its arguments and result picklable. Rank 0 runs it after
+        sending it to the workers, so all ranks enter its collectives together.
 
         Raises:
             WorkerError: a worker raised or died (the group is then unusable).
