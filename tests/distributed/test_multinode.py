@@ -29,15 +29,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_node1(port: int) -> subprocess.Popen:
-    """`minivllm worker` for node 1 of 2, in a clean environment (nothing inherited from node 0)."""
+def _start_node1(port: int, from_env: bool = False) -> subprocess.Popen:
+    """`minivllm worker` for node 1 of 2, in a clean environment (nothing inherited from node 0),
+    configured by flags or, ``from_env``, by the variables alone."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = ROOT
-    return subprocess.Popen([sys.executable, "-m", "minivllm", "worker", "--nnodes", "2",
-                             "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
-                             str(port), "--num-threads", "1", "--connect-timeout", "60"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    layout = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if from_env:
+        env.update(layout)
+        flags = []
+    else:
+        flags = [x for k, v in layout.items() for x in (f"--{k.lower().replace('_', '-')}", v)]
+    return subprocess.Popen([sys.executable, "-m", "minivllm", "worker", *flags, "--num-threads", "1",
+                             "--connect-timeout", "60"], env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _ranks_of(agent_pid: int) -> list[int]:
@@ -91,7 +96,7 @@ def test_two_hosts_greedy_equals_tp1_and_shut_down_cleanly(tiny_model_dirs, monk
     llm.engine.shutdown()
 
     port = _free_port()
-    node1 = _start_node1(port)  # before the engine: it waits for the rendezvous
+    node1 = _start_node1(port, from_env=True)  # before the engine: it waits for the rendezvous
     try:
         monkeypatch.setenv("NNODES", "2")
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
