@@ -265,6 +265,22 @@ def _wait_healthy(base_url: str, deadline: float) -> None:
         time.sleep(0.2)
 
 
+def scrape_counters(host: str, port: int, api_key: str | None) -> dict[str, float]:
+    """The server's ``minivllm:*_total`` counters from ``/metrics`` (empty if unavailable)."""
+    req = urllib.request.Request(f"http://{host}:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    found = re.findall(r"^minivllm:(\w+)_total(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    counters: dict[str, float] = {}
+    for name, value in found:
+        counters[name] = counters.get(name, 0.0) + float(value)
+    return counters
+
+
 def stop_server(proc: subprocess.Popen) -> int:
     """SIGTERM (graceful drain), then kill after 60 s; returns the exit code."""
     if proc.poll() is None:
@@ -298,12 +314,14 @@ def run_offline(model: str, engine_kwargs: dict, requests: list[BenchRequest], l
     wall = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_preemptions = llm.stats().get("num_preemptions")
     llm.engine.shutdown()
     del llm
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"duration_s": wall, "output_tokens": n_out, "request_throughput": len(requests) / wall,
-            "output_tok_s": n_out / wall, "total_tok_s": (n_in + n_out) / wall, "startup_s": startup_s}
+            "output_tok_s": n_out / wall, "total_tok_s": (n_in + n_out) / wall, "startup_s": startup_s,
+            "num_preemptions": num_preemptions}
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -398,12 +416,16 @@ def main() -> None:
         # One short request first: the first HTTP request pays for imports and lazy set-up.
         warm = [BenchRequest(requests[0].prompt_token_ids[:8], 4)]
         asyncio.run(run_load(host, port, model_name, warm, float("inf"), None, args.logprobs, args.api_key))
+        before = scrape_counters(host, port, args.api_key)
         results, duration = asyncio.run(run_load(host, port, model_name, requests, args.request_rate,
                                                  args.max_concurrency, args.logprobs, args.api_key,
                                                  args.seed))
+        after = scrape_counters(host, port, args.api_key)
     finally:
         server_exit = stop_server(proc) if proc is not None else None
     serving = summarize(results, duration)
+    # What the server saw during the timed run (preemptions explain a gap to the offline run).
+    serving["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in sorted(after)}
     offline = None
     if not (args.base_url or args.skip_offline):
         offline = run_offline(args.model, engine_kwargs, requests, args.logprobs)
