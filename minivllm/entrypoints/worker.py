@@ -43,10 +43,13 @@ def _worker(args: argparse.Namespace) -> int:
     from minivllm.distributed.node_agent import run_node
     from minivllm.distributed.nodes import NodeLayout
 
-    missing = [flag for flag, value in (("--master-addr", args.master_addr),
-                                        ("--master-port", args.master_port),
-                                        ("--nnodes", args.nnodes), ("--node-rank", args.node_rank))
-               if value is None]
+    given = (("--master-addr", "MASTER_ADDR", args.master_addr),
+             ("--master-port", "MASTER_PORT", args.master_port),
+             ("--nnodes", "NNODES", args.nnodes), ("--node-rank", "NODE_RANK", args.node_rank))
+    for flag, var, value in given:
+        if value is None and os.environ.get(var):
+            raise ValueError(f"{var}={os.environ[var]!r} is not an integer; pass {flag}")
+    missing = [flag for flag, _, value in given if value is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or the matching environment variables "
                          "MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK)")
