@@ -176,3 +176,20 @@ def test_layout_from_the_environment():
         NodeLayout.from_env({"NNODES": "two"})
     with pytest.raises(ValueError, match="split evenly"):
         nodes.ranks_per_node(3)
+
+
+def test_worker_cli_errors(capsys, monkeypatch):
+    from minivllm.entrypoints.cli import main
+
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["worker"]) == 2
+    assert "missing --master-addr, --master-port, --nnodes, --node-rank" in capsys.readouterr().err
+    flags = ["worker", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "1"]
+    assert main([*flags, "--node-rank", "0"]) == 2
+    assert "node 0 runs the engine" in capsys.readouterr().err
+    assert main([*flags, "--node-rank", "2"]) == 2
+    assert "outside 1..1" in capsys.readouterr().err
+    monkeypatch.setenv("NNODES", "two")
+    assert main(["worker"]) == 2
+    assert "NNODES='two' is not an integer" in capsys.readouterr().err
