@@ -9,6 +9,7 @@ import time
 from minivllm import __version__
 from minivllm.engine_args import EngineArgs
 from minivllm.entrypoints.openai.settings import ServerSettings
+from minivllm.entrypoints.worker import add_worker_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(s)
     _add_serve_args(s)
     s.set_defaults(func=_serve)
+    add_worker_parser(sub)
     return parser
 
 
