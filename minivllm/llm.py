@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -18,7 +19,13 @@ from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
 from minivllm.engine.input_processor import ProcessedPrompt, PromptType
+from minivllm.models.pooling import architecture_for_task
 from minivllm.outputs import RequestOutput
+from minivllm.pooling.engine import check_task
+from minivllm.pooling.offline import run_pooling, run_score
+from minivllm.pooling.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                      ScoringRequestOutput)
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
 
@@ -59,12 +66,12 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet")
     if quantization is not None:
         raise ValueError(f"quantization={quantization!r} is not implemented yet")
-    if task not in ("auto", "generate"):
-        raise ValueError(f"task={task!r} is not implemented yet")
     from minivllm.models.embedded import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     arch = ModelArchConfig.from_dir(model_dir)
+    task = resolve_task(task, arch, model_dir)
+    arch = dataclasses.replace(arch, architecture=architecture_for_task(arch.architecture, task))
     check_tensor_parallel(arch, tensor_parallel_size)  # before any worker process starts
     if max_model_len is None:
         max_model_len = arch.max_position_embeddings
@@ -85,7 +92,7 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
         tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
         async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-        quantization=quantization, task=resolve_task(task, arch))
+        quantization=quantization, task=task)
 
 
 class LLM:
@@ -184,6 +191,7 @@ class LLM:
     def _run(self, prompts: list[ProcessedPrompt], params: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:
         # Validate everything before queueing anything, so a bad prompt leaves no residue.
+        check_task(self.config.task, is_pooling=False)
         for p in prompts:
             self.engine.check_request(len(p.prompt_token_ids))
         order: dict[str, int] = {}
@@ -216,6 +224,33 @@ class LLM:
         finally:
             bar.close()
         return [r for r in results if r is not None]
+
+    # ---- pooling models: classify / embed / score (see minivllm/pooling/) -----------------
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """Class probabilities of each prompt (``out.outputs.probs``, ``.label``) from a
+        ``*ForSequenceClassification`` model; in input order.
+
+        Raises:
+            ValueError: bad prompts or parameters, a prompt over ``max_model_len`` without
+                ``truncate_prompt_tokens``, or a model that is not a classifier.
+        """
+        return run_pooling(self, "classify", prompts, pooling_params, use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embedding of each prompt (``out.outputs.embedding``, L2-normalised by default) from
+        an embedding model (task ``embed``); in input order. Raises as ``classify``."""
+        return run_pooling(self, "embed", prompts, pooling_params, use_tqdm)
+
+    def score(self, text_1: PromptType | Sequence[PromptType], text_2: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """Cosine similarity of embeddings (``out.outputs.score``): one ``text_1`` against each
+        ``text_2``, or two equally long lists pairwise. Raises as ``embed``."""
+        return run_score(self, text_1, text_2, pooling_params, use_tqdm)
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:
