@@ -9,7 +9,7 @@ import torch
 from tests.conftest import TINY_VOCAB
 
 # Small blocks and token budget, so the test prompts span several blocks and chunks.
-ENGINE_ARGS = dict(device="cpu", max_num_batched_tokens=64, block_size=16)
+ENGINE_ARGS = dict(device="cpu", max_num_batched_tokens=64, block_size=16, num_kv_blocks=64)
 
 
 def _config(kind: str):
