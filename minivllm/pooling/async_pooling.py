@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from minivllm.engine.core_client import EngineDeadError
 from minivllm.engine.messages import EngineCoreOutput
-from minivllm.pooling.frontend import PoolingFrontend, as_prompt_list, make_scores, score_pairs
+from minivllm.pooling.frontend import (
+    PoolingFrontend,
+    as_prompt_list,
+    make_scores,
+    score_pairs,
+)
 from minivllm.pooling.outputs import PoolingRequestOutput, ScoringRequestOutput
 from minivllm.pooling_params import PoolingParams
 

@@ -15,9 +15,15 @@ from minivllm.engine.input_processor import InputProcessor, ProcessedPrompt, Pro
 from minivllm.engine.messages import EngineCoreOutput
 from minivllm.engine.request import Request
 from minivllm.engine.scheduler import check_prompt_fits
-from minivllm.pooling.outputs import (ClassificationOutput, ClassificationRequestOutput,
-                                      EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput,
-                                      ScoringOutput, ScoringRequestOutput)
+from minivllm.pooling.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 

@@ -7,7 +7,12 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from minivllm.pooling.frontend import PoolingFrontend, as_prompt_list, make_scores, score_pairs
+from minivllm.pooling.frontend import (
+    PoolingFrontend,
+    as_prompt_list,
+    make_scores,
+    score_pairs,
+)
 from minivllm.pooling.outputs import PoolingRequestOutput, ScoringRequestOutput
 from minivllm.pooling_params import PoolingParams
 

@@ -98,7 +98,7 @@ def test_score_is_cosine_of_embeddings(embed_llm):
     embs = [torch.tensor(o.outputs.embedding) for o in embed_llm.embed([a, b, c], use_tqdm=False)]
     one_to_many = embed_llm.score(a, [b, c], use_tqdm=False)
     pairwise = embed_llm.score([a, b], [b, c], use_tqdm=False)
-    cos = lambda x, y: F.cosine_similarity(x, y, dim=0).item()  # noqa: E731
+    cos = lambda x, y: F.cosine_similarity(x, y, dim=0).item()
     assert [s.outputs.score for s in one_to_many] == pytest.approx([cos(embs[0], embs[1]), cos(embs[0], embs[2])],
                                                                     abs=1e-5)
     assert [s.outputs.score for s in pairwise] == pytest.approx([cos(embs[0], embs[1]), cos(embs[1], embs[2])],

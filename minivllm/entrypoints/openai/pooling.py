@@ -24,10 +24,21 @@ from starlette.responses import Response
 
 from minivllm.engine.core_client import EngineDeadError
 from minivllm.engine.stream import RequestFailedError
-from minivllm.entrypoints.openai.protocol import (INT64_MAX, PositiveInt64, RequestError, new_id,
-                                                  parse_request)
-from minivllm.entrypoints.openai.serving import (OpenAIServing, _ClientGone, _until_disconnect,
-                                                 engine_error, json_response, read_body)
+from minivllm.entrypoints.openai.protocol import (
+    INT64_MAX,
+    PositiveInt64,
+    RequestError,
+    new_id,
+    parse_request,
+)
+from minivllm.entrypoints.openai.serving import (
+    OpenAIServing,
+    _ClientGone,
+    _until_disconnect,
+    engine_error,
+    json_response,
+    read_body,
+)
 from minivllm.pooling_params import PoolingParams
 
 
