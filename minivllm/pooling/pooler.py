@@ -75,7 +75,11 @@ class Pooler:
         rids = [step.req_ids[i] for i in rows]
         params = [self.params[rid] for rid in rids]
         last = torch.from_numpy(qsl[1:][np.asarray(rows, dtype=np.int64)].astype(np.int64) - 1)
-        pooled = hidden[last.to(hidden.device)].float()
+        if hidden.device.type == "cuda":
+            # Pinned and non-blocking: a pageable copy would wait for the forward pass to end
+            # and stall the host (and with it overlapped scheduling).
+            last = last.pin_memory().to(hidden.device, non_blocking=True)
+        pooled = hidden[last].float()
         for j, (rid, p) in enumerate(zip(rids, params)):
             if p.pooling_type == "mean":
                 pooled[j] = self._sums[rid] / self._counts[rid]
