@@ -80,9 +80,9 @@ class PoolingFrontend:
         """Raise ValueError unless the engine runs ``task`` (``score`` runs on ``embed``)."""
         needed = "embed" if task == "score" else task
         if self.task != needed:
+            hint = " (pass task='embed' to embed with this model)" if needed == "embed" else ""
             raise ValueError(f"{task}() needs a model served with task {needed!r}; this engine runs "
-                             f"task {self.task!r}" + (" (pass task='embed' to embed with it)"
-                                                      if needed == "embed" and self.task != "generate" else ""))
+                             f"task {self.task!r}{hint}")
 
     def params_list(self, params: PoolingParams | Sequence[PoolingParams] | None, n: int) -> list[PoolingParams]:
         """One resolved ``PoolingParams`` per prompt (``pooling_type`` filled in)."""
