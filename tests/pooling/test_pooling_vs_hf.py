@@ -122,3 +122,30 @@ def test_wrong_task_is_a_value_error(embed_llm, classifier_dirs, tiny_model_dirs
     assert len(llm.embed([[1, 2, 3]], use_tqdm=False)[0].outputs.embedding) == 64
     # The engine stays usable after refused requests.
     assert embed_llm.embed([[1, 2, 3]], use_tqdm=False)[0].outputs.hidden_size == 64
+
+
+def test_sentence_transformers_package_is_an_embedding_model(tmp_path, tiny_model_dirs):
+    """A causal-LM checkpoint with a sentence-transformers ``modules.json`` (how Qwen3-Embedding
+    ships) is served as an embedding model, with the pooling its ``1_Pooling`` config names."""
+    import json
+    import shutil
+
+    from minivllm.config import ModelArchConfig, resolve_task
+    from minivllm.pooling.frontend import default_pooling_type
+
+    path = tmp_path / "st"
+    shutil.copytree(tiny_model_dirs["qwen3"], path)
+    arch = ModelArchConfig.from_dir(path)
+    assert resolve_task("auto", arch, path) == "generate" and default_pooling_type(path) == "last"
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert resolve_task("auto", arch, path) == "embed" and default_pooling_type(path) == "mean"
+    llm = LLM(str(path), **ENGINE_ARGS)
+    assert llm.config.arch.architecture == "Qwen3Model"
+    prompt = random_prompts([20], seed=21)[0]
+    default = llm.embed([prompt], use_tqdm=False)[0].outputs.embedding
+    mean = llm.embed([prompt], PoolingParams(pooling_type="mean"), use_tqdm=False)[0].outputs.embedding
+    assert default == pytest.approx(mean, abs=1e-6)
