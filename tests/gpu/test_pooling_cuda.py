@@ -15,7 +15,12 @@ LENGTHS = (1, 16, 17, 100, 700, 1500)  # the last ones span several 1024-token s
 
 
 def _save(tmp_path_factory, kind: str):
-    from transformers import AutoModel, AutoModelForSequenceClassification, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

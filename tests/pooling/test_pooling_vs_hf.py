@@ -42,7 +42,7 @@ def test_classify_matches_hf(kind, classifier_dirs, hf_classifiers):
     # Again: now every prompt of a block or more is served partly from the prefix cache.
     probs = llm.classify(prompts, use_tqdm=False)
     assert [o.num_cached_tokens for o in probs] == [(n - 1) // 16 * 16 for n in LENGTHS]
-    labels = list(hf.config.id2label[i] for i in range(hf.config.num_labels))
+    labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
     for prompt, out in zip(prompts, probs):
         logits = _hf_logits(hf, prompt)
         expected = torch.sigmoid(logits) if len(labels) == 1 else torch.softmax(logits, -1)
