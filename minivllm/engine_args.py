@@ -25,6 +25,7 @@ from minivllm.config import (KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, TASKS
                              default_max_num_batched_tokens, resolve_device, resolve_dtype,
                              resolve_task, validate_engine_args)
 from minivllm.distributed.sharding import check_tensor_parallel
+from minivllm.models.pooling import architecture_for_task
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -177,6 +178,9 @@ class EngineArgs:
             tokenizer_dir = resolve_tokenizer_dir(self.tokenizer,
                                                   trust_remote_code=self.trust_remote_code)
         arch = ModelArchConfig.from_dir(model_dir)
+        task = resolve_task(self.task, arch, model_dir)
+        # A pooling task runs the checkpoint's decoder under the matching pooling architecture.
+        arch = dataclasses.replace(arch, architecture=architecture_for_task(arch.architecture, task))
         # resolve_model_dir already converted a GGUF file into a safetensors directory.
         load_format = "safetensors" if self.load_format in ("auto", "gguf") else self.load_format
         if load_format == "safetensors" and not any(Path(model_dir).glob("*.safetensors")):
@@ -203,7 +207,7 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             skip_tokenizer_init=self.skip_tokenizer_init, async_scheduling=async_scheduling,
             kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization,
-            task=resolve_task(self.task, arch), tokenizer_dir=tokenizer_dir,
+            task=task, tokenizer_dir=tokenizer_dir,
             trust_remote_code=self.trust_remote_code)
 
 
@@ -213,8 +217,6 @@ def _check_implemented(args: EngineArgs) -> None:
         raise ValueError(f"kv_cache_dtype={args.kv_cache_dtype!r} is not implemented yet")
     if args.quantization is not None:
         raise ValueError(f"quantization={args.quantization!r} is not implemented yet")
-    if args.task not in ("auto", "generate"):
-        raise ValueError(f"task={args.task!r} is not implemented yet")
 
 
 def _base_type(hint: Any) -> Any:

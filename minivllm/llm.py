@@ -13,6 +13,11 @@ from minivllm.engine.frontend import build_frontend
 from minivllm.engine.input_processor import ProcessedPrompt, PromptType
 from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
+from minivllm.pooling.engine import check_task
+from minivllm.pooling.offline import run_pooling, run_score
+from minivllm.pooling.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                      ScoringRequestOutput)
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
 
@@ -111,6 +116,7 @@ class LLM:
     def _run(self, prompts: list[ProcessedPrompt], params: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:
         # Validate everything before queueing anything, so a bad prompt leaves no residue.
+        check_task(self.config.task, is_pooling=False)
         for p in prompts:
             self.engine.check_request(len(p.prompt_token_ids))
         order: dict[str, int] = {}
@@ -143,6 +149,33 @@ class LLM:
         finally:
             bar.close()
         return [r for r in results if r is not None]
+
+    # ---- pooling models: classify / embed / score (see minivllm/pooling/) -----------------
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """Class probabilities of each prompt (``out.outputs.probs``, ``.label``) from a
+        ``*ForSequenceClassification`` model; in input order.
+
+        Raises:
+            ValueError: bad prompts or parameters, a prompt over ``max_model_len`` without
+                ``truncate_prompt_tokens``, or a model that is not a classifier.
+        """
+        return run_pooling(self, "classify", prompts, pooling_params, use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embedding of each prompt (``out.outputs.embedding``, L2-normalised by default) from
+        an embedding model (task ``embed``); in input order. Raises as ``classify``."""
+        return run_pooling(self, "embed", prompts, pooling_params, use_tqdm)
+
+    def score(self, text_1: PromptType | Sequence[PromptType], text_2: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """Cosine similarity of embeddings (``out.outputs.score``): one ``text_1`` against each
+        ``text_2``, or two equally long lists pairwise. Raises as ``embed``."""
+        return run_score(self, text_1, text_2, pooling_params, use_tqdm)
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

@@ -36,6 +36,10 @@ from minivllm.engine.serialization import outputs_from_wire, params_to_wire
 from minivllm.engine.stream import RequestFailedError, RequestStream
 from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
+from minivllm.pooling.async_pooling import PoolingWaiters, run_pooling_async, run_score_async
+from minivllm.pooling.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                      ScoringRequestOutput)
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
 
@@ -79,6 +83,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._stats_waiters: list[concurrent.futures.Future] = []
+        self._pooling = PoolingWaiters()  # classify/embed requests in flight
         # One thread: tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="minivllm-tokenize")
@@ -239,6 +244,7 @@ class AsyncLLM:
     def _on_core_message(self, kind: str, payload: Any) -> None:
         if kind == "outputs":
             outs = outputs_from_wire(payload)
+            outs.outputs = self._pooling.deliver(outs.outputs)
             orphans = []
             with self._lock:
                 results, to_abort = self.output_processor.process(outs.outputs)
@@ -262,6 +268,8 @@ class AsyncLLM:
 
     def _on_add_error(self, payload: dict[str, Any]) -> None:
         """The core could not add (one sequence of) a request: fail that request alone."""
+        if self._pooling.fail(payload):
+            return
         child = payload.get("request_id")
         parent = child.split(":", 1)[1] if isinstance(child, str) and ":" in child else None
         if parent is None:
@@ -282,6 +290,7 @@ class AsyncLLM:
             pass
 
     def _fail_all(self, error: EngineDeadError) -> None:
+        self._pooling.fail_all(error)
         with self._lock:
             self.output_processor.fail_all()
             for rid in list(self._streams):  # one exception object per stream: each is raised
@@ -290,3 +299,28 @@ class AsyncLLM:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(error)
+
+    # ---- pooling models: classify / embed / score (see minivllm/pooling/) -----------------
+    async def classify(self, prompts: PromptType | list[PromptType],
+                       pooling_params: PoolingParams | list[PoolingParams] | None = None,
+                       ) -> list[ClassificationRequestOutput]:
+        """``LLM.classify`` from asyncio: the prompts join the engine's packed prefill steps
+        together with other callers' prompts; cancelling the call aborts them.
+
+        Raises:
+            ValueError: bad prompts or parameters, or not a classifier (nothing was queued).
+            RequestFailedError: the engine failed one of the requests.
+            EngineDeadError: the engine core is gone.
+        """
+        return await run_pooling_async(self, "classify", prompts, pooling_params)
+
+    async def embed(self, prompts: PromptType | list[PromptType],
+                    pooling_params: PoolingParams | list[PoolingParams] | None = None,
+                    ) -> list[EmbeddingRequestOutput]:
+        """``LLM.embed`` from asyncio; raises as ``classify``."""
+        return await run_pooling_async(self, "embed", prompts, pooling_params)
+
+    async def score(self, text_1: PromptType | list[PromptType], text_2: PromptType | list[PromptType],
+                    pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+        """``LLM.score`` from asyncio; raises as ``classify``."""
+        return await run_score_async(self, text_1, text_2, pooling_params)

@@ -21,6 +21,7 @@ from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.scheduler_output import SchedulerOutput
 from minivllm.executor.base import Executor, StepFuture
 from minivllm.executor.uniproc import UniProcExecutor
+from minivllm.pooling.engine import check_task, finish_pooled
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,14 @@ class EngineCore:
                            max_model_len)
         self.scheduler_config = SchedulerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
                                                 max_model_len)
+        # Pooling models never decode: no decode graphs to capture.
         self.executor.initialize(num_blocks, cache.block_size, sched.max_num_seqs,
-                                 sched.max_num_batched_tokens, max_model_len, config.enforce_eager)
+                                 sched.max_num_batched_tokens, max_model_len,
+                                 config.enforce_eager or config.task != "generate")
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.async_scheduling = config.async_scheduling
+        self.task = config.task
         self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
         self.startup_s = time.perf_counter() - start
         logger.info("engine ready in %.1f s (load, KV cache, warm-up, graphs): %d KV blocks of %d "
@@ -61,14 +65,15 @@ class EngineCore:
         """Unfinished requests by id."""
         return self.scheduler.requests
 
-    def check_request(self, num_prompt_tokens: int) -> None:
+    def check_request(self, num_prompt_tokens: int, pooling: bool = False) -> None:
         """Raise ValueError if a prompt of this length can never be served."""
-        self.scheduler.check_fits(num_prompt_tokens)
+        self.scheduler.check_fits(num_prompt_tokens, pooling)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        self.check_request(req.num_prompt_tokens)
+        check_task(self.task, req.pooling_params is not None)
+        self.check_request(req.num_prompt_tokens, req.pooling_params is not None)
         self.scheduler.add_request(req)
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
@@ -134,6 +139,7 @@ class EngineCore:
                 num_cached_tokens=req.num_cached_tokens))
             if finish is not None:
                 self.scheduler.finish(req, finish, stop_reason)
+        finish_pooled(self.scheduler, output, result)
 
     def _check_stop(self, req: Request, token: int) -> tuple[str | None, int | None]:
         p = req.params

@@ -20,6 +20,8 @@ class EngineCoreOutput:
     # Set with finish_reason "error": the step that ran this request failed in a way that
     # concerns only the requests in it; the engine goes on.
     error: str | None = None
+    # A pooling request's result (class scores or embedding), with finish_reason "stop".
+    pooled: list[float] | None = None
 
 
 @dataclass

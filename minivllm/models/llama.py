@@ -124,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias_default = False
     qk_norm = False
+    has_lm_head = True  # pooling variants (models/pooling.py) drop it
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int,
                  tp_group: TensorParallelGroup | None = None) -> None:
@@ -140,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group)
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
+        self.lm_head = None if cfg.tie_word_embeddings or not self.has_lm_head else ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, tp_group)
         # Shared by all layers; registered once here so .to() moves it.
         self.rotary = rotary
