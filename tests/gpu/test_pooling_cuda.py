@@ -63,8 +63,19 @@ def test_embed_cuda_close_to_hf(tmp_path_factory, pooling_type):
     llm = LLM(path, dtype="bfloat16", max_num_batched_tokens=1024)
     prompts = _prompts()
     outs = llm.embed(prompts, PoolingParams(pooling_type=pooling_type), use_tqdm=False)
-    for p, o in zip(prompts, outs):
+    import copy
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+
+    def pooled(model, p):
         with torch.no_grad():
-            h = hf(torch.tensor([p], device="cuda")).last_hidden_state[0]
-        ref = F.normalize(h[-1] if pooling_type == "last" else h.mean(0), dim=-1).cpu()
-        assert F.cosine_similarity(torch.tensor(o.outputs.embedding), ref, dim=0) > 0.999
+            h = model(torch.tensor([p], device="cuda")).last_hidden_state[0].float()
+        return F.normalize(h[-1] if pooling_type == "last" else h.mean(0), dim=-1).cpu()
+
+    for p, o in zip(prompts, outs):
+        ref = pooled(hf, p)
+        # bf16 activations cost a 4-layer random model ~1e-3 of cosine against float32 (HF's
+        # own bf16 run shows it); ours may differ from HF's rounding order, not be worse by more
+        # than a small factor of that.
+        ours_err = 1 - F.cosine_similarity(torch.tensor(o.outputs.embedding), ref, dim=0).item()
+        hf_err = 1 - F.cosine_similarity(pooled(hf_bf16, p), ref, dim=0).item()
+        assert ours_err <= 3 * hf_err + 2e-4, (len(p), ours_err, hf_err)
