@@ -18,6 +18,7 @@ from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
 from minivllm.engine.input_processor import ProcessedPrompt, PromptType
+from minivllm.layers.quantization import resolve_quantization
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
@@ -57,14 +58,14 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
     # Seams for issues 11/12; each consumer removes its line when it lands.
     if kv_cache_dtype != "auto":
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet")
-    if quantization is not None:
-        raise ValueError(f"quantization={quantization!r} is not implemented yet")
     if task not in ("auto", "generate"):
         raise ValueError(f"task={task!r} is not implemented yet")
     from minivllm.models.embedded import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     arch = ModelArchConfig.from_dir(model_dir)
+    # A pre-quantised checkpoint (Qwen's *-FP8, a GGUF Q8_0) runs in its own format.
+    quantization = resolve_quantization(quantization, model_dir)
     check_tensor_parallel(arch, tensor_parallel_size)  # before any worker process starts
     if max_model_len is None:
         max_model_len = arch.max_position_embeddings
