@@ -139,6 +139,12 @@ class BlockQuantLinearMethod(LinearMethod):
 
     @staticmethod
     def dequantized_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The portable fallback: the dense weight rebuilt in the compute dtype, then a matmul."""
-        w = dequantize_blockwise(layer.weight, layer.weight_scale, *layer.scale_block, x.dtype)
+        """The portable fallback: the dense weight rebuilt in the compute dtype, then a matmul.
+
+        Per-channel scales commute with the matmul, so they scale the (smaller) output instead.
+        """
+        scale = layer.weight_scale
+        if scale.shape[1] == 1 and layer.scale_block[0] == 1:
+            return (F.linear(x, layer.weight.to(x.dtype)).float() * scale.view(-1)).to(x.dtype)
+        w = dequantize_blockwise(layer.weight, scale, *layer.scale_block, x.dtype)
         return F.linear(x, w)

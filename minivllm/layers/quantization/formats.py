@@ -45,16 +45,6 @@ def scale_grid_shape(rows: int, cols: int, row_block: int, col_block: int) -> tu
     return -(-rows // row_block), -(-cols // col_block)
 
 
-def _blocked(x: torch.Tensor, row_block: int, col_block: int) -> tuple[torch.Tensor, int, int]:
-    """``x`` zero-padded to whole blocks and viewed as ``[nb_r, row_block, nb_c, col_block]``."""
-    rows, cols = x.shape
-    nb_r, nb_c = scale_grid_shape(rows, cols, row_block, col_block)
-    pad_r, pad_c = nb_r * row_block - rows, nb_c * col_block - cols
-    if pad_r or pad_c:
-        x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
-    return x.view(nb_r, row_block, nb_c, col_block), rows, cols
-
-
 def quantize_blockwise(w: torch.Tensor, fmt: QuantFormat, row_block: int,
                        col_block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a dense ``[N, K]`` weight; returns ``(q [N, K], scale [nb_r, nb_c] float32)``.
@@ -62,15 +52,21 @@ def quantize_blockwise(w: torch.Tensor, fmt: QuantFormat, row_block: int,
     Each block's scale maps its largest magnitude onto the format's largest code (absmax
     scaling); values are rounded to nearest (float8: the cast's round-to-nearest-even).
     """
-    blocks, rows, cols = _blocked(w.float(), row_block, col_block)
-    amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=_MIN_AMAX)
+    rows, cols = w.shape
+    nb_r, nb_c = scale_grid_shape(rows, cols, row_block, col_block)
+    pad_r, pad_c = nb_r * row_block - rows, nb_c * col_block - cols
+    # Zero padding to whole blocks changes no block's absmax; it is cut off again below.
+    wf = torch.nn.functional.pad(w.float(), (0, pad_c, 0, pad_r)) if pad_r or pad_c else w.float()
+    blocks = wf.view(nb_r, row_block, nb_c, col_block)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp_(min=_MIN_AMAX)
     scale = amax / fmt.max_code
-    scaled = (blocks / scale).clamp(-fmt.max_code, fmt.max_code)
+    scaled = (blocks / scale).clamp_(-fmt.max_code, fmt.max_code)
     if fmt.dtype == torch.int8:
-        scaled = scaled.round()
-    nb_r, _, nb_c, _ = blocks.shape
-    q = scaled.to(fmt.dtype).reshape(nb_r * row_block, nb_c * col_block)[:rows, :cols]
-    return q.contiguous(), scale.reshape(nb_r, nb_c)
+        scaled = scaled.round_()
+    q = scaled.to(fmt.dtype).view(nb_r * row_block, nb_c * col_block)
+    if pad_r or pad_c:
+        q = q[:rows, :cols].contiguous()
+    return q, scale.view(nb_r, nb_c)
 
 
 def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, row_block: int, col_block: int,
@@ -80,8 +76,14 @@ def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, row_block: int, c
     The product is formed in float32 and rounded once, so a float32 result is exact.
     """
     rows, cols = q.shape
-    expanded = scale.repeat_interleave(row_block, 0)[:rows].repeat_interleave(col_block, 1)[:, :cols]
-    return (q.float() * expanded).to(dtype)
+    row_scale = scale if row_block == 1 else scale.repeat_interleave(row_block, 0)[:rows]
+    if scale.shape[1] == 1:  # per output channel: a broadcast, no expansion
+        return (q.float() * row_scale).to(dtype)
+    nb_c = scale.shape[1]
+    if nb_c * col_block == cols:
+        out = q.float().view(rows, nb_c, col_block) * row_scale[:, :, None]
+        return out.view(rows, cols).to(dtype)
+    return (q.float() * row_scale.repeat_interleave(col_block, 1)[:, :cols]).to(dtype)
 
 
 def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
