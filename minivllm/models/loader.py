@@ -8,6 +8,7 @@ so a TP=N model holds exactly the numbers of the TP=1 model.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from minivllm.distributed.group import TensorParallelGroup
 from minivllm.layers.quantization import make_linear_method
 from minivllm.layers.weight_loading import WeightSource
 from minivllm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -99,6 +102,9 @@ def load_model(arch: ModelArchConfig, model_dir: Path, backend: AttentionBackend
     """
     cls = get_model_class(arch.architecture)
     linear_method = make_linear_method(quantization, model_dir, device)
+    if linear_method.quantized:
+        logger.info("linear layers: %s (embeddings and LM head stay %s)",
+                    linear_method.describe(), dtype)
     with _default_dtype(dtype), torch.device(device):
         model = cls(arch, backend, max_position, tp_group=tp_group, linear_method=linear_method)
     with torch.no_grad():

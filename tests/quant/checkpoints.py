@@ -39,7 +39,10 @@ def write_fp8_block_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (1
 
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, t in load_file(str(src / "model.safetensors")).items():
+    loaded = {}
+    for shard in sorted(src.glob("*.safetensors")):  # HF may shard large models
+        loaded.update(load_file(str(shard)))
+    for name, t in loaded.items():
         if name.startswith("model.layers.") and name.endswith("_proj.weight"):
             q, scale = quantize_blockwise(t, FP8_E4M3, *block)
             tensors[name], tensors[name + "_scale_inv"] = q, scale
