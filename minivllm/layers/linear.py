@@ -5,7 +5,7 @@ row-parallel layer after it splits its input features the same way, so each rank
 partial sum and one all-reduce completes it. An attention block and an MLP each cost one
 all-reduce.
 
-With ``tp_group=None`` (or a group of one) every layer is exactly ``F.linear`` on the full
+With ``tp_group=None`` (or a group of one) an unquantised layer is exactly ``F.linear`` on the full
 weight, the same call ``nn.Linear`` makes, so TP=1 outputs are bit-identical and pay nothing.
 Parameter names stay ``weight``/``bias`` so checkpoints and the GGUF conversion map unchanged.
 

@@ -56,8 +56,9 @@ class Fp8LinearMethod(BlockQuantLinearMethod):
         n = layer.weight.shape[0]
         if self.use_triton and rows <= WEIGHT_ONLY_MAX_ROWS:
             return self.weight_only_gemm(layer, x)
-        if self.use_scaled_mm and (self.device.type == "cpu" or
-                                   (k % _SCALED_MM_ALIGN == 0 and n % _SCALED_MM_ALIGN == 0)):
+        if self.use_scaled_mm and (self.device.type == "cpu" or (
+                # cuBLASLt's row-wise scaling: bf16 output only, K and N multiples of 16.
+                x.dtype == torch.bfloat16 and k % _SCALED_MM_ALIGN == 0 and n % _SCALED_MM_ALIGN == 0)):
             return scaled_mm_per_channel(x, layer.weight, layer.weight_scale)
         return super().matmul(layer, x)
 
