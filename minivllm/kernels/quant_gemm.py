@@ -10,8 +10,9 @@ the end.
 Scales: ``scale[n // row_block, k // col_block]`` (see ``layers/quantization/formats.py``);
 ``col_block`` a power of two >= 16 (it bounds the K tile) or ``>= K`` (per channel).
 
-Small M (decode) has too few output tiles to occupy every SM, so K is split over programs that
-each write a float32 partial; one ``sum`` adds them (deterministic, unlike atomics).
+Small M (decode) may have too few output tiles to occupy every SM; then K is split over
+programs that each write a float32 partial, and one ``sum`` adds them (deterministic, unlike
+atomics).
 """
 
 from __future__ import annotations
@@ -70,25 +71,33 @@ def _weight_quant_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# At decode, at most this many K splits: each split costs a float32 partial and the sum that
+# adds them (two more small kernels), worth it only while the output tiles alone leave SMs idle.
+MAX_DECODE_SPLIT_K = 4
+
+
 def _launch_config(m: int, n: int, k: int, col_block: int, per_channel: bool,
                    device: torch.device) -> tuple[int, int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, split_k, num_warps, num_stages)`` for one shape.
 
     Fixed heuristics, no autotuning: the first call may happen inside CUDA-graph capture.
+    Decode (m <= 16) streams the weights once: narrow output tiles give many programs, deep
+    K tiles and stages keep bytes in flight; K is split only when the tiles fill less than one
+    wave of SMs (Qwen3-4B's o/down projections: N = 2560).
     """
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+        block_m, block_n, block_k, warps, stages = 16, 32, 256, 4, 4
     elif m <= 64:
         block_m, block_n, block_k, warps, stages = next_pow2(m), 128, 128, 4, 3
     else:
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
     if not per_channel:
         block_k = min(block_k, col_block)
-    k_tiles = cdiv(k, block_k)
     split = 1
-    if m <= 16:
-        # Enough programs for two waves over the SMs; each still streams >= 1 K tile.
-        split = max(1, min(k_tiles, cdiv(2 * num_sms(device), cdiv(n, block_n))))
+    n_tiles = cdiv(n, block_n)
+    sms = num_sms(device)
+    if m <= 16 and n_tiles < sms:
+        split = max(1, min(MAX_DECODE_SPLIT_K, cdiv(k, block_k), cdiv(sms, n_tiles)))
     return block_m, block_n, block_k, split, warps, stages
 
 
