@@ -23,10 +23,8 @@ from torch import nn
 
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import divide, first_kv_head, kv_heads_per_rank
-from minivllm.layers.quantization.base import (LinearMethod, LoadSpan, RowPart,
-                                               UnquantizedLinearMethod)
-from minivllm.layers.weight_loading import (WeightSource, check_shape, copy_replicated,
-                                            read_range)
+from minivllm.layers.quantization.base import LinearMethod, LoadSpan, RowPart, UnquantizedLinearMethod
+from minivllm.layers.weight_loading import WeightSource, check_shape, copy_replicated, read_range
 
 
 def _active(tp_group: TensorParallelGroup | None) -> TensorParallelGroup | None:

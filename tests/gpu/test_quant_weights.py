@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.layers.quantization.formats import (FP8_E4M3, INT8, dequantize_blockwise,
-                                                  per_token_fp8, quantize_blockwise)
+from minivllm.layers.quantization.formats import FP8_E4M3, INT8, dequantize_blockwise, per_token_fp8, quantize_blockwise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minivllm.layers.quantization.formats import (FP8_E4M3, INT8, dequantize_blockwise,
-                                                  per_token_fp8, quantize_blockwise)
+from minivllm.layers.quantization.formats import FP8_E4M3, INT8, dequantize_blockwise, per_token_fp8, quantize_blockwise
 
 # (row_block, col_block): per-output-channel, Qwen FP8 blocks, GGUF Q8_0 blocks; with shapes
 # that leave partial blocks at both edges.

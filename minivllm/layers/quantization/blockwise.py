@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.layers.quantization.base import LinearMethod, LoadSpan, RowPart, read_span
-from minivllm.layers.quantization.formats import (QuantFormat, dequantize_blockwise,
-                                                  quantize_blockwise, scale_grid_shape)
+from minivllm.layers.quantization.formats import QuantFormat, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 from minivllm.layers.weight_loading import WeightSource
 
 
