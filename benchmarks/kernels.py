@@ -549,7 +549,8 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
     Paths: ``bf16`` (cuBLAS); ``fp8_scaled_mm`` (W8A8: per-token activation quantisation, which
     is timed with it, + ``torch._scaled_mm`` with per-channel weight scales); ``fp8_wo`` /
     ``int8_wo`` (Triton weight-only: 8-bit weights dequantised in registers, bf16 activations);
-    ``fp8_block_wo`` (the same kernel on Qwen's 128x128 block scales). At decode the matmul
+    ``fp8_block_wo`` (the same kernel on Qwen's 128x128 block scales); at M=1 those are the GEMV
+    kernel, and ``fp8_wo_dot`` is the tensor-core kernel on the same data for comparison. At decode the matmul
     streams the weights, so GB/s of weight bytes against copy bandwidth is the figure that
     matters; at prefill, TFLOP/s. ``rel_err``: against x @ (its dequantised weights)^T in float32
     (for W8A8 it includes the activation rounding, ~2.5 %; weight-only paths should be ~1e-3).
@@ -580,6 +581,9 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
                 "bf16": (lambda: F.linear(x, w16), w16, 2),
                 "fp8_scaled_mm": (lambda: scaled_mm_per_channel(x, fp8_q, fp8_s), refs["fp8"], 1),
                 "fp8_wo": (lambda: weight_quant_gemm(x, fp8_q, fp8_s, 1, k), refs["fp8"], 1),
+                # At M=1 "fp8_wo" is the GEMV kernel; this is the tensor-core one on 16-row tiles.
+                "fp8_wo_dot": (lambda: weight_quant_gemm(x, fp8_q, fp8_s, 1, k, kernel="dot"),
+                               refs["fp8"], 1),
                 "fp8_block_wo": (lambda: weight_quant_gemm(x, blk_q, blk_s, 128, 128), refs["blk"], 1),
                 "int8_wo": (lambda: weight_quant_gemm(x, int8_q, int8_s, 1, k), refs["int8"], 1),
             }
@@ -597,7 +601,7 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
                 row[f"{path}_weight_gbps"] = n * k * w_bytes / (ms * 1e-3) / 1e9
                 row[f"{path}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
             rows_out.append(row)
-    paths = ["bf16", "fp8_scaled_mm", "fp8_wo", "fp8_block_wo", "int8_wo"]
+    paths = ["bf16", "fp8_scaled_mm", "fp8_wo", "fp8_wo_dot", "fp8_block_wo", "int8_wo"]
     lines = ["## Weight-quantised GEMM (us; decode: weight GB/s and % of copy BW; prefill: TFLOP/s)",
              "", "| shape | M | " + " | ".join(paths) + " | best 8-bit vs bf16 |",
              "|---|---|" + "---|" * (len(paths) + 1)]

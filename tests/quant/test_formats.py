@@ -116,7 +116,8 @@ def test_per_token_activation_scales_are_per_row():
 
 def test_split_k_decode_matches_dequantised_reference():
     # Few output tiles (N=64 on the interpreter's 4 stand-in SMs): K is split into float32
-    # partials that are summed afterwards; the result must not depend on that.
+    # partials that are summed afterwards (GEMV and tensor-core kernels alike); the result must
+    # not depend on that.
     from minivllm.kernels.quant_gemm import _launch_config, weight_quant_gemm
 
     n, k = 64, 512
@@ -124,6 +125,9 @@ def test_split_k_decode_matches_dequantised_reference():
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
     for fmt in (FP8_E4M3, INT8):
         q, scale = quantize_blockwise(w, fmt, 128, 128)
-        x = torch.randn(3, k, generator=torch.Generator().manual_seed(4))
-        ref = x @ dequantize_blockwise(q, scale, 128, 128).t()
-        torch.testing.assert_close(weight_quant_gemm(x, q, scale, 128, 128), ref, rtol=1e-5, atol=1e-5)
+        # One row: the GEMV kernel (and, for comparison, the tensor-core one); three: the latter.
+        for rows, kernel in ((1, "gemv"), (1, "dot"), (3, "auto")):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(4))
+            ref = x @ dequantize_blockwise(q, scale, 128, 128).t()
+            out = weight_quant_gemm(x, q, scale, 128, 128, kernel=kernel)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ capability >= 8.9) on CUDA; it also runs on CPU (torch >= 2.8), which is how CI 
 
 At small batch (decode) the matmul is bound by reading the weights, so quantising the
 activations buys nothing and costs launches: up to :data:`WEIGHT_ONLY_MAX_ROWS` rows the
-Triton weight-only kernel runs instead (fp8 weights dequantised in registers, bf16 activations).
+Triton weight-only kernel runs instead (fp8 weights dequantised in registers, bf16 activations;
+a GEMV for one row, W2's case, where only the halved weight bytes count).
 
 Pre-quantised checkpoints (Qwen's ``*-FP8``: 128x128 ``weight_scale_inv`` blocks) keep their
 codes and block scales exactly (no requantisation, so no accuracy lost at load); their matmul
