@@ -37,13 +37,14 @@ def peaked_reference(peaked_dirs):
 
 
 # Bounds for the peaked random model, as multiples of bf16's own error measured in the same run
-# (self-calibrating), and on greedy agreement. Measured 2026-11-25: bf16 ≈ 0.03 nats;
-# fp8 ≈ 13x bf16, agreement 0.81: e4m3 keeps 3 mantissa bits, a half step is 2^-4 of a value
-# against bf16's 2^-9, and W8A8 rounds activations too; fp8 from 128x128 checkpoint blocks
-# (weights only) is similar. int8 per-channel ≈ 2x bf16, agreement 0.92 (7 bits, but one scale
-# per row). Random weights amplify errors through layers (no trained margins), hence the low
-# agreement of every mode, bf16's 0.96 included. A misapplied scale gives errors of nats.
-PEAKED_BOUNDS = {"fp8": (25.0, 0.65), "int8": (5.0, 0.85), "fp8-checkpoint": (25.0, 0.65)}
+# (self-calibrating), and on greedy agreement. Measured 2026-11-25 (31 positions, torch 2.13
+# CPU): bf16 vs fp32 0.032 nats; fp8 W8A8 0.36 (11x), agreement 0.81: e4m3 keeps 3 mantissa
+# bits, a half step is 2^-4 of a value against bf16's 2^-9, and W8A8 rounds activations too;
+# fp8 from 128x128 checkpoint blocks (weight-only) 0.19 (6x), 0.87; int8 per-channel 0.067
+# (2.1x), 0.87 (7 bits, one scale per row). Random weights amplify errors through the layers
+# (no trained margins), so agreement bounds leave room for a few near-tie flips (one is 3 %);
+# a misapplied scale costs whole nats and most tokens.
+PEAKED_BOUNDS = {"fp8": (25.0, 0.6), "int8": (5.0, 0.75), "fp8-checkpoint": (25.0, 0.6)}
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8", "fp8-checkpoint"])
