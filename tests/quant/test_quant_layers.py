@@ -131,6 +131,9 @@ def test_codes_without_scales_in_config_are_refused():
         layer.load_weight("weight", q)
     with pytest.raises(ValueError, match="unexpected"):
         layer.load_weight("weight_scale", torch.ones(HIDDEN, 1))
+    dense = RowParallelLinear(INTER, HIDDEN, False, None)  # no quantisation requested at all
+    with pytest.raises(ValueError, match="quantization_config"):
+        dense.load_weight("weight", q)
 
 
 def test_load_time_quantisation_stores_what_quantize_blockwise_gives():

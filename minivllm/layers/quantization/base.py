@@ -100,7 +100,11 @@ class UnquantizedLinearMethod(LinearMethod):
         return rows, cols
 
     def load(self, layer: nn.Module, param_name: str, src: WeightSource, span: LoadSpan) -> None:
-        layer.weight.data.narrow(0, span.dst_row, span.num_rows).copy_(read_span(src, span))
+        data = read_span(src, span)
+        if data.dtype.itemsize == 1:  # 8-bit codes: copying them as values would be a different model
+            raise ValueError(f"checkpoint weight is {data.dtype} but config.json declares no "
+                             f"quantization_config that says how to scale it")
+        layer.weight.data.narrow(0, span.dst_row, span.num_rows).copy_(data)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
