@@ -48,6 +48,21 @@ def test_scaled_mm_matches_dequantised_operands(rows):
     assert _rel(out, ref) < 5e-3  # bf16 output rounding (2^-9) plus accumulation order
 
 
+def test_triton_activation_quantisation_is_bit_exact_with_torch():
+    if not _fp8_capable():
+        pytest.skip("float8 conversion in Triton needs compute capability >= 8.9")
+    from minivllm.kernels.fp8_quant import per_token_fp8_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(300, 4096, device="cuda", generator=g) * 3).bfloat16()
+    x[2] = 0
+    x[4, 5] = 1e4  # one outlier sets its row's scale
+    q, scale = per_token_fp8_triton(x)
+    q_ref, scale_ref = per_token_fp8(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 @pytest.mark.parametrize("fmt,layout", [(FP8_E4M3, None), (FP8_E4M3, (128, 128)),
                                         (INT8, None), (INT8, (1, 32))],
                          ids=["fp8", "fp8-block", "int8", "int8-q8_0"])

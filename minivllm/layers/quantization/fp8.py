@@ -31,6 +31,9 @@ from minivllm.layers.quantization.formats import FP8_E4M3, per_token_fp8
 # decode shapes (benchmarks/kernels.py `fp8_gemm` prints both; retune from its numbers).
 WEIGHT_ONLY_MAX_ROWS = 16
 
+# Rows the Triton activation-quantisation kernel holds in registers (as kernels.fp8_quant).
+MAX_ROW_ELEMENTS = 32768
+
 # _scaled_mm's (cuBLASLt) layout rule on CUDA: K and N multiples of 16.
 _SCALED_MM_ALIGN = 16
 
@@ -68,7 +71,12 @@ def scaled_mm_per_channel(x: torch.Tensor, weight: torch.Tensor,
                           weight_scale: torch.Tensor) -> torch.Tensor:
     """W8A8: ``x`` quantised per row on the fly, times the fp8 ``weight [N, K]`` whose
     per-output-channel ``weight_scale`` is ``[N, 1]``; result in ``x``'s dtype."""
-    xq, x_scale = per_token_fp8(x)
+    if x.is_cuda and x.shape[1] <= MAX_ROW_ELEMENTS:
+        from minivllm.kernels.fp8_quant import per_token_fp8_triton
+
+        xq, x_scale = per_token_fp8_triton(x.contiguous())  # one launch instead of ~6 passes
+    else:
+        xq, x_scale = per_token_fp8(x)
     # weight.t() is the column-major [K, N] operand cuBLASLt wants, with no copy.
     return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
                             out_dtype=x.dtype)
