@@ -30,8 +30,9 @@ def _per_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.conste
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX)
-    scale = amax / FP8_MAX
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    # IEEE-rounded divisions (Triton's `/` on float32 is approximate): bit-exact with torch.
+    scale = tl.div_rn(amax, FP8_MAX)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
     # Stored through a uint8 view: Triton 3.9's interpreter cannot store float8 directly.
     tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     tl.store(scale_ptr + row, scale)
