@@ -24,15 +24,16 @@ MAX_ROW_ELEMENTS = 32768  # a row lives in registers; hidden/intermediate sizes 
 
 
 @triton.jit
-def _per_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr):
+def _per_token_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, fp8_max, min_amax,
+                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), min_amax)
     # IEEE-rounded divisions (Triton's `/` on float32 is approximate): bit-exact with torch.
-    scale = tl.div_rn(amax, FP8_MAX)
-    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    scale = tl.div_rn(amax, fp8_max)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -fp8_max), fp8_max)
     # Stored through a uint8 view: Triton 3.9's interpreter cannot store float8 directly.
     tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     tl.store(scale_ptr + row, scale)
@@ -52,6 +53,7 @@ def per_token_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = next_pow2(k)
-        _per_token_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block,
+        # The constants go in as float32 arguments (Triton jit code reads no plain globals).
+        _per_token_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), FP8_MAX, MIN_AMAX, BLOCK=block,
                                     num_warps=min(16, max(4, block // 1024)))
     return q.view(torch.float8_e4m3fn), scale
