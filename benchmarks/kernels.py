@@ -525,6 +525,7 @@ def main() -> None:
     res["prefill"] = bench_prefill(device, args.smoke, lengths)
     res["prefill"] += bench_prefill(device, args.smoke, lengths[-2:-1], dim=64)
     print(f"[{time.time() - t0:.0f}s] prefill done", flush=True)
+    res["fp8_gemm"] = bench_fp8_gemm(device, args.smoke, res.get("copy_gbps"))
 
     save()
     md = markdown(res)
@@ -533,6 +534,92 @@ def main() -> None:
     bad = [r["check"] for r in res["correctness"] if not r["ok"]]
     if bad:
         raise SystemExit(f"correctness FAILED: {bad}")
+
+
+# ----------------------------------------------------------------------------- FP8 / INT8 GEMM
+# Qwen3-4B / Qwen3-8B linear layers as (name, N, K): fused qkv, o, fused gate/up, down.
+GEMM_SHAPES = [("4b qkv", 6144, 2560), ("4b o", 2560, 4096), ("4b gate_up", 19456, 2560),
+               ("4b down", 2560, 9728), ("8b qkv", 6144, 4096), ("8b o", 4096, 4096),
+               ("8b gate_up", 24576, 4096), ("8b down", 4096, 12288)]
+
+
+def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -> list[dict]:
+    """Weight-quantised GEMMs vs bf16 ``F.linear`` at decode (M = 1..32) and prefill (M = 4096).
+
+    Paths: ``bf16`` (cuBLAS); ``fp8_scaled_mm`` (W8A8: per-token activation quantisation, which
+    is timed with it, + ``torch._scaled_mm`` with per-channel weight scales); ``fp8_wo`` /
+    ``int8_wo`` (Triton weight-only: 8-bit weights dequantised in registers, bf16 activations);
+    ``fp8_block_wo`` (the same kernel on Qwen's 128x128 block scales); at M=1 those are the GEMV
+    kernel, and ``fp8_wo_dot`` is the tensor-core kernel on the same data for comparison. At decode the matmul
+    streams the weights, so GB/s of weight bytes against copy bandwidth is the figure that
+    matters; at prefill, TFLOP/s. ``rel_err``: against x @ (its dequantised weights)^T in float32
+    (for W8A8 it includes the activation rounding, ~2.5 %; weight-only paths should be ~1e-3).
+    Which path wins at which M sets ``fp8.WEIGHT_ONLY_MAX_ROWS``.
+    """
+    from minivllm.kernels.quant_gemm import weight_quant_gemm
+    from minivllm.layers.quantization.formats import (FP8_E4M3, INT8, dequantize_blockwise,
+                                                      quantize_blockwise)
+    from minivllm.layers.quantization.fp8 import scaled_mm_per_channel
+
+    dtype = torch.float32 if smoke else torch.bfloat16
+    shapes = [("smoke", 256, 128)] if smoke else GEMM_SHAPES
+    rows_list = [1, 32] if smoke else [1, 2, 4, 8, 16, 32, 4096]
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows_out = []
+    for name, n, k in shapes:
+        w = torch.randn(n, k, device=device, generator=gen, dtype=torch.float32) * 0.02
+        fp8_q, fp8_s = quantize_blockwise(w, FP8_E4M3, 1, k)
+        blk_q, blk_s = quantize_blockwise(w, FP8_E4M3, 128, 128)
+        int8_q, int8_s = quantize_blockwise(w, INT8, 1, k)
+        w16 = w.to(dtype)
+        refs = {"fp8": dequantize_blockwise(fp8_q, fp8_s, 1, k),
+                "blk": dequantize_blockwise(blk_q, blk_s, 128, 128),
+                "int8": dequantize_blockwise(int8_q, int8_s, 1, k)}
+        for m in rows_list:
+            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+            paths = {
+                "bf16": (lambda: F.linear(x, w16), w16, 2),
+                "fp8_scaled_mm": (lambda: scaled_mm_per_channel(x, fp8_q, fp8_s), refs["fp8"], 1),
+                "fp8_wo": (lambda: weight_quant_gemm(x, fp8_q, fp8_s, 1, k), refs["fp8"], 1),
+                # At M=1 "fp8_wo" is the GEMV kernel; this is the tensor-core one on 16-row tiles.
+                "fp8_wo_dot": (lambda: weight_quant_gemm(x, fp8_q, fp8_s, 1, k, kernel="dot"),
+                               refs["fp8"], 1),
+                "fp8_block_wo": (lambda: weight_quant_gemm(x, blk_q, blk_s, 128, 128), refs["blk"], 1),
+                "int8_wo": (lambda: weight_quant_gemm(x, int8_q, int8_s, 1, k), refs["int8"], 1),
+            }
+            row = {"shape": name, "m": m, "n": n, "k": k}
+            for path, (fn, ref_w, w_bytes) in paths.items():
+                ref = x.float() @ ref_w.float().t()
+                try:
+                    out = fn().float()
+                    ms = time_ms(fn, smoke)
+                except Exception as e:  # e.g. _scaled_mm needs sm_89+: report, keep going
+                    row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:200]
+                    continue
+                row[f"{path}_us"] = ms * 1e3
+                row[f"{path}_tflops"] = 2 * m * n * k / (ms * 1e-3) / 1e12
+                row[f"{path}_weight_gbps"] = n * k * w_bytes / (ms * 1e-3) / 1e9
+                row[f"{path}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
+            rows_out.append(row)
+    paths = ["bf16", "fp8_scaled_mm", "fp8_wo", "fp8_wo_dot", "fp8_block_wo", "int8_wo"]
+    lines = ["## Weight-quantised GEMM (us; decode: weight GB/s and % of copy BW; prefill: TFLOP/s)",
+             "", "| shape | M | " + " | ".join(paths) + " | best 8-bit vs bf16 |",
+             "|---|---|" + "---|" * (len(paths) + 1)]
+    for r in rows_out:
+        cells = []
+        for p in paths:
+            us = r.get(f"{p}_us", math.nan)
+            if r["m"] >= 1024:
+                cells.append(f"{us:.0f} us, {r.get(f'{p}_tflops', math.nan):.0f} TF")
+            else:
+                gbps = r.get(f"{p}_weight_gbps", math.nan)
+                frac = f" ({100 * gbps / copy_gbps:.0f}%)" if copy_gbps else ""
+                cells.append(f"{us:.1f} us, {gbps:.0f} GB/s{frac}")
+        best = min(r.get(f"{p}_us", math.inf) for p in paths[1:])
+        lines.append(f"| {r['shape']} | {r['m']} | " + " | ".join(cells)
+                     + f" | {r.get('bf16_us', math.nan) / best:.2f}x |")
+    print("\n".join(lines), flush=True)
+    return rows_out
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=["fixed", "w2"], default="fixed",
                     help="w2: 128 in / 256 out on qwen3-0.6b and qwen3-4b, see benchmarks/w2.py")
     ap.add_argument("--w2-models", default="qwen3-0.6b,qwen3-4b")
+    ap.add_argument("--quantization", default="",
+                    help="comma-separated weight formats (fp8, int8) to run next to bf16 on the "
+                         "same weights, e.g. --quantization fp8")
     args = ap.parse_args()
     if args.workload == "w2":
         from benchmarks.w2 import run_w2
@@ -47,8 +50,11 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
            "model": args.model, "input_len": args.input_len, "output_len": n}
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    for name, eager in (("minivllm_graphs", False), ("minivllm_eager", True)):
-        llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=eager, max_num_seqs=8, max_model_len=4096)
+    runs = [("minivllm_graphs", False, None), ("minivllm_eager", True, None)]
+    runs += [(f"minivllm_{q}_graphs", False, q) for q in args.quantization.split(",") if q]
+    for name, eager, quant in runs:
+        llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=eager, max_num_seqs=8, max_model_len=4096,
+                  quantization=quant)
         res[f"{name}_tok_s"] = n / best_of(lambda llm=llm: llm.generate([prompt.tolist()], params, use_tqdm=False))
         del llm
         torch.cuda.empty_cache()
@@ -66,6 +72,9 @@ def main() -> None:
              f"| {res['device']} | {args.input_len}/{n} | {res['minivllm_graphs_tok_s']:.0f} | "
              f"{res['minivllm_eager_tok_s']:.0f} | {res['hf_tok_s']:.0f} | {res['ratio_graphs_vs_hf']:.2f}x | "
              f"{res['floor_tok_s']:.0f} |")
+    for key in [k for k in res if k.startswith("minivllm_") and k.endswith("_graphs_tok_s")]:
+        if key != "minivllm_graphs_tok_s":
+            table += f"\n\n{key}: {res[key]:.0f} tok/s ({res[key] / res['minivllm_graphs_tok_s']:.2f}x bf16 graphs)"
     write_results(args.out, "latency", res, table)
 
 

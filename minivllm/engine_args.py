@@ -25,6 +25,7 @@ from minivllm.config import (KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATIONS, TASKS
                              default_max_num_batched_tokens, resolve_device, resolve_dtype,
                              resolve_task, validate_engine_args)
 from minivllm.distributed.sharding import check_tensor_parallel
+from minivllm.layers.quantization import resolve_quantization
 from minivllm.models.pooling import architecture_for_task
 
 
@@ -179,6 +180,8 @@ class EngineArgs:
                                                   trust_remote_code=self.trust_remote_code)
         arch = ModelArchConfig.from_dir(model_dir)
         task = resolve_task(self.task, arch, model_dir)
+        # A pre-quantised checkpoint (Qwen's *-FP8, a GGUF Q8_0) runs in its own format.
+        quantization = resolve_quantization(self.quantization, model_dir)
         # A pooling task runs the checkpoint's decoder under the matching pooling architecture.
         arch = dataclasses.replace(arch, architecture=architecture_for_task(arch.architecture, task))
         # resolve_model_dir already converted a GGUF file into a safetensors directory.
@@ -206,7 +209,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             tensor_parallel_size=self.tensor_parallel_size,
             skip_tokenizer_init=self.skip_tokenizer_init, async_scheduling=async_scheduling,
-            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype, quantization=quantization,
             task=task, tokenizer_dir=tokenizer_dir,
             trust_remote_code=self.trust_remote_code)
 
@@ -215,8 +218,6 @@ def _check_implemented(args: EngineArgs) -> None:
     """Seams for issues 11/12; each consumer removes its line when it lands."""
     if args.kv_cache_dtype != "auto":
         raise ValueError(f"kv_cache_dtype={args.kv_cache_dtype!r} is not implemented yet")
-    if args.quantization is not None:
-        raise ValueError(f"quantization={args.quantization!r} is not implemented yet")
 
 
 def _base_type(hint: Any) -> Any:

@@ -16,6 +16,7 @@ class UniProcExecutor(Executor):
             model_dir=config.model_dir, arch=config.arch, device=config.device, dtype=config.dtype,
             load_format=config.load_format, seed=config.seed,
             attention_backend=config.attention_backend,
+            quantization=config.quantization,
             max_position=config.scheduler.max_model_len)
 
     def num_available_kv_blocks(self, block_size: int, gpu_memory_utilization: float,

@@ -5,9 +5,13 @@ row-parallel layer after it splits its input features the same way, so each rank
 partial sum and one all-reduce completes it. An attention block and an MLP each cost one
 all-reduce.
 
-With ``tp_group=None`` (or a group of one) every layer is one ``dense_linear`` on the full
-weight (``F.linear``, or the batch-1 GEMV kernel on CUDA), so TP=1 pays nothing.
+With ``tp_group=None`` (or a group of one) an unquantised layer is one ``dense_linear`` on the
+full weight (``F.linear``, or the batch-1 GEMV kernel on CUDA), so TP=1 pays nothing.
 Parameter names stay ``weight``/``bias`` so checkpoints and the GGUF conversion map unchanged.
+
+How the weight is stored and multiplied (dense, fp8, int8 with scales) is the layer's
+``LinearMethod`` (``minivllm.layers.quantization``); the layers here only decide which rows and
+columns of each checkpoint tensor this rank holds, in logical (dense-weight) units.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from torch import nn
 
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import divide, first_kv_head, kv_heads_per_rank
-from minivllm.layers.dense import dense_linear, silu_and_mul_linear, uses_gemv
+from minivllm.layers.activation import silu_and_mul
+from minivllm.layers.dense import silu_and_mul_linear, uses_gemv
 from minivllm.layers.norm import RMSNorm
-from minivllm.layers.weight_loading import (WeightSource, check_shape, copy_replicated,
-                                            read_range)
+from minivllm.layers.quantization.base import (LinearMethod, LoadSpan, RowPart,
+                                               UnquantizedLinearMethod)
+from minivllm.layers.weight_loading import WeightSource, check_shape, copy_replicated, read_range
 
 
 def _active(tp_group: TensorParallelGroup | None) -> TensorParallelGroup | None:
@@ -53,28 +59,32 @@ class MergedColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, parts: list[OutputPart], bias: bool,
-                 tp_group: TensorParallelGroup | None = None) -> None:
+                 tp_group: TensorParallelGroup | None = None,
+                 method: LinearMethod | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.parts = parts
         self.tp = _active(tp_group)
         self.out_features = sum(p.local_size for p in parts)
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, self.out_features, in_features,
+                                   [RowPart(p.src_start, p.local_size) for p in parts], 0)
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
     @classmethod
     def even(cls, in_features: int, output_sizes: list[int], bias: bool,
-             tp_group: TensorParallelGroup | None = None) -> "MergedColumnParallelLinear":
+             tp_group: TensorParallelGroup | None = None,
+             method: LinearMethod | None = None) -> "MergedColumnParallelLinear":
         """Each part split into equal contiguous blocks, rank ``r`` taking block ``r``."""
         rank, size = tp_rank_and_size(tp_group)
         parts = []
         for full in output_sizes:
             local = divide(full, size, "output features")
             parts.append(OutputPart(full, rank * local, local))
-        return cls(in_features, parts, bias, tp_group)
+        return cls(in_features, parts, bias, tp_group, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
     def forward_with_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +94,8 @@ class MergedColumnParallelLinear(nn.Module):
         residual stream. At batch-1 decode on CUDA the norm runs inside the GEMV kernel: one
         launch instead of two, and the normalised row never goes through memory.
         """
-        if uses_gemv(x, self.weight) and norm.weight.dtype == x.dtype:
+        if (isinstance(self.method, UnquantizedLinearMethod) and uses_gemv(x, self.weight)
+                and norm.weight.dtype == x.dtype):
             from minivllm.kernels.gemv import rms_norm_gemv  # only the CUDA path needs triton
 
             return rms_norm_gemv(x, residual, norm.weight, norm.eps, self.weight, self.bias)
@@ -96,13 +107,17 @@ class MergedColumnParallelLinear(nn.Module):
     # ---- loading -------------------------------------------------------------------------
     def full_shape(self, param_name: str) -> tuple[int, ...]:
         rows = sum(p.full_size for p in self.parts)
-        return (rows, self.in_features) if param_name == "weight" else (rows,)
+        if param_name == "bias":
+            return (rows,)
+        return self.method.checkpoint_shape(param_name, rows, self.in_features)
 
     def load_weight(self, param_name: str, src: WeightSource, shard_id: int | None = None) -> None:
         """Copy this rank's rows of part ``shard_id`` (or of every part when ``src`` is the whole
         fused TP=1 tensor, ``shard_id=None``)."""
-        param = getattr(self, param_name)
         if shard_id is None and len(self.parts) > 1:
+            if param_name not in ("weight", "bias"):
+                raise ValueError(f"fused {param_name} tensors are not supported; the checkpoint "
+                                 f"must store its parts (q/k/v, gate/up) separately")
             check_shape(src, self.full_shape(param_name), f"fused {param_name}")
             start = 0
             for i, part in enumerate(self.parts):
@@ -110,17 +125,23 @@ class MergedColumnParallelLinear(nn.Module):
                 start += part.full_size
             return
         part = self.parts[shard_id or 0]
-        tail = (self.in_features,) if param_name == "weight" else ()
-        check_shape(src, (part.full_size, *tail), f"{param_name} part {shard_id or 0}")
         offset = sum(p.local_size for p in self.parts[:shard_id or 0])
-        param.data.narrow(0, offset, part.local_size).copy_(
-            read_range(src, 0, part.src_start, part.local_size))
+        if param_name == "bias":
+            check_shape(src, (part.full_size,), f"bias part {shard_id or 0}")
+            self.bias.data.narrow(0, offset, part.local_size).copy_(
+                read_range(src, 0, part.src_start, part.local_size))
+            return
+        check_shape(src, self.method.checkpoint_shape(param_name, part.full_size, self.in_features),
+                    f"{param_name} part {shard_id or 0}")
+        self.method.load(self, param_name, src,
+                         LoadSpan(part.src_start, part.local_size, offset, 0, self.in_features))
 
 
 def ColumnParallelLinear(in_features: int, out_features: int, bias: bool,
-                         tp_group: TensorParallelGroup | None = None) -> MergedColumnParallelLinear:
+                         tp_group: TensorParallelGroup | None = None,
+                         method: LinearMethod | None = None) -> MergedColumnParallelLinear:
     """A single column-parallel weight: a merged layer with one part."""
-    return MergedColumnParallelLinear.even(in_features, [out_features], bias, tp_group)
+    return MergedColumnParallelLinear.even(in_features, [out_features], bias, tp_group, method)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -131,7 +152,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool, tp_group: TensorParallelGroup | None = None) -> None:
+                 bias: bool, tp_group: TensorParallelGroup | None = None,
+                 method: LinearMethod | None = None) -> None:
         rank, size = tp_rank_and_size(tp_group)
         num_local_heads = divide(num_heads, size, "num_attention_heads")
         num_local_kv_heads = kv_heads_per_rank(num_kv_heads, size)
@@ -141,7 +163,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         parts = [OutputPart(num_heads * head_dim, rank * q_local, q_local),
                  OutputPart(num_kv_heads * head_dim, kv_start, kv_local),
                  OutputPart(num_kv_heads * head_dim, kv_start, kv_local)]
-        super().__init__(hidden_size, parts, bias, tp_group)
+        super().__init__(hidden_size, parts, bias, tp_group, method)
         self.num_local_heads = num_local_heads
         self.num_local_kv_heads = num_local_kv_heads
         self.q_size, self.kv_size = q_local, kv_local
@@ -155,7 +177,8 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 tp_group: TensorParallelGroup | None = None) -> None:
+                 tp_group: TensorParallelGroup | None = None,
+                 method: LinearMethod | None = None) -> None:
         super().__init__()
         rank, size = tp_rank_and_size(tp_group)
         self.tp = _active(tp_group)
@@ -163,26 +186,35 @@ class RowParallelLinear(nn.Module):
         self.in_features = divide(in_features, size, "input features")
         self.in_start = rank * self.in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_features))
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, out_features, self.in_features,
+                                   [RowPart(0, out_features)], self.in_start)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, input_act: str | None = None) -> torch.Tensor:
         """``input_act="silu_and_mul"``: ``x`` is ``cat(gate, up)`` and the layer applies
         ``silu(gate) * up`` first, fused into the matmul where the kernel allows (batch-1
         decode on CUDA), so the activation never goes through memory."""
-        if input_act is None:
-            matmul = dense_linear
-        elif input_act == "silu_and_mul":
-            matmul = silu_and_mul_linear
-        else:
+        if input_act not in (None, "silu_and_mul"):
             raise ValueError(f"unknown input_act {input_act!r}")
+        fused = input_act is not None and isinstance(self.method, UnquantizedLinearMethod)
+        if input_act is not None and not fused:
+            x = silu_and_mul(x)  # quantised weights: their own matmul, after the activation
+
+        def matmul(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if fused:
+                return silu_and_mul_linear(x, self.weight, bias)
+            return self.method.apply(self, x, bias)
+
         if self.tp is None:
-            return matmul(x, self.weight, self.bias)
-        out = self.tp.all_reduce(matmul(x, self.weight))
+            return matmul(x, self.bias)
+        out = self.tp.all_reduce(matmul(x, None))
         return out if self.bias is None else out + self.bias
 
     def full_shape(self, param_name: str) -> tuple[int, ...]:
-        return (self.out_features, self.full_in_features) if param_name == "weight" else (self.out_features,)
+        if param_name == "bias":
+            return (self.out_features,)
+        return self.method.checkpoint_shape(param_name, self.out_features, self.full_in_features)
 
     def load_weight(self, param_name: str, src: WeightSource, shard_id: int | None = None) -> None:
         if shard_id is not None:
@@ -190,5 +222,6 @@ class RowParallelLinear(nn.Module):
         if param_name == "bias":
             copy_replicated(self.bias, src, "row-parallel bias")
             return
-        check_shape(src, self.full_shape("weight"), "row-parallel weight")
-        self.weight.data.copy_(read_range(src, 1, self.in_start, self.in_features))
+        check_shape(src, self.full_shape(param_name), f"row-parallel {param_name}")
+        self.method.load(self, param_name, src,
+                         LoadSpan(0, self.out_features, 0, self.in_start, self.in_features))

@@ -32,7 +32,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump whenever the output of a conversion changes, so stale cache entries are not reused.
-CONVERTER_VERSION = 1
+# 2: Q8_0 linear weights kept as int8 codes + block scales.
+CONVERTER_VERSION = 2
 
 CACHE_DIR_ENV = "MINIVLLM_CACHE_DIR"
 
@@ -99,6 +100,17 @@ _REQUIRED_LAYER_TENSORS = (
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
+# The decoder's linear weights: the tensors a Q8_0 file may keep as int8 (embeddings and the
+# LM head are never quantised by the engine, so they are expanded like any other type).
+_LINEAR_LEAVES = frozenset({
+    "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+})
+_Q8_0_BLOCK = 32  # weights per Q8_0 block: one float16 scale, then 32 int8 codes
+# What config.json says about Q8_0 weights kept as int8 (read by minivllm.layers.quantization).
+_Q8_0_QUANT_CONFIG = {"quant_method": "minivllm_int8", "weight_block_size": [1, _Q8_0_BLOCK],
+                      "source": "GGUF Q8_0"}
+
 
 def default_cache_root() -> Path:
     """``$MINIVLLM_CACHE_DIR`` if set, else ``~/.cache/minivllm``."""
@@ -131,6 +143,10 @@ def convert_gguf_to_hf_dir(gguf_path: str | Path, cache_root: Path | None = None
     The directory holds ``config.json``, ``model.safetensors`` (float32, HF tensor names, Llama
     Q/K un-permuted), tokenizer files (with the chat template) and ``generation_config.json``
     (every EOS id found). A cache hit only stats the file, so it costs milliseconds.
+
+    When every decoder linear weight is ``Q8_0``, those stay int8 (``<name>`` as I8 codes plus
+    ``<name>_scale``, float32 per 1x32 block: the file's own numbers) and ``config.json`` gets a
+    ``quantization_config`` that makes the engine run them as ``quantization="int8"``.
 
     Args:
         gguf_path: path to a ``.gguf`` file (architectures ``llama``, ``qwen2``, ``qwen3``).
@@ -217,6 +233,8 @@ def _convert_into(path: Path, out_dir: Path) -> None:
         )
     tensors = {t.name: t for t in reader.tensors}
     config = _build_config(meta, arch_name, spec, tensors)
+    if _linear_weights_all_q8_0(tensors):
+        config["quantization_config"] = dict(_Q8_0_QUANT_CONFIG)
     _write_weights(out_dir / "model.safetensors", tensors, config, spec)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _build_generation_config(meta, config))
@@ -414,49 +432,95 @@ def _unpermute_rotary(values: np.ndarray, num_heads: int) -> np.ndarray:
     return split.swapaxes(1, 2).reshape(values.shape)
 
 
+def _linear_weights_all_q8_0(tensors: dict[str, Any]) -> bool:
+    """True when every decoder linear weight is Q8_0: then they stay int8 (1x32 block scales,
+    exactly the file's numbers, a quarter of float32's bytes) and the engine runs them as
+    ``quantization="int8"``. A file mixing Q8_0 with other types is expanded as a whole: one
+    model, one linear format."""
+    import gguf
+
+    linear = [t for name, t in tensors.items()
+              if (m := _LAYER_RE.match(name)) and m.group(2) in _LINEAR_LEAVES]
+    return bool(linear) and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in linear)
+
+
+def _q8_0_codes_and_scales(tensor: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's int8 codes ``[N, K]`` and float32 block scales ``[N, K / 32]``."""
+    rows, cols = (int(dim) for dim in reversed(tensor.shape))
+    block_bytes = 2 + _Q8_0_BLOCK
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // _Q8_0_BLOCK, block_bytes)
+    scales = raw[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    codes = raw[:, :, 2:].copy().view(np.int8).reshape(rows, cols)
+    return codes, scales
+
+
 def _write_weights(out_path: Path, tensors: dict[str, Any], config: dict, spec: _ArchSpec) -> None:
     num_layers = config["num_hidden_layers"]
     _check_complete(tensors, num_layers)
-    plan: list[tuple[str, Any]] = []
-    for gguf_name, tensor in tensors.items():
-        hf_name = _hf_tensor_name(gguf_name, num_layers)
-        if hf_name is not None:
-            plan.append((hf_name, tensor))
+    keep_q8_0 = "quantization_config" in config
 
-    def produce(gguf_tensor: Any) -> np.ndarray:
-        values = _dequantize(gguf_tensor)
-        if spec.permute_qk and ".attn_q." in gguf_tensor.name:
-            values = _unpermute_rotary(values, config["num_attention_heads"])
-        elif spec.permute_qk and ".attn_k." in gguf_tensor.name:
-            values = _unpermute_rotary(values, config["num_key_value_heads"])
+    def permuted(gguf_name: str, values: np.ndarray) -> np.ndarray:
+        if spec.permute_qk and ".attn_q." in gguf_name:
+            return _unpermute_rotary(values, config["num_attention_heads"])
+        if spec.permute_qk and ".attn_k." in gguf_name:
+            return _unpermute_rotary(values, config["num_key_value_heads"])
         return values
 
-    _stream_safetensors(out_path, plan, produce)
+    plan: list[_PlannedTensor] = []
+    for gguf_name, tensor in tensors.items():
+        hf_name = _hf_tensor_name(gguf_name, num_layers)
+        if hf_name is None:
+            continue
+        shape = [int(dim) for dim in reversed(tensor.shape)]
+        match = _LAYER_RE.match(gguf_name)
+        if keep_q8_0 and match and match.group(2) in _LINEAR_LEAVES:
+            # Codes and scales are read twice (once each); a Q8_0 tensor is small next to F32.
+            plan.append(_PlannedTensor(hf_name, shape, "I8", lambda t=tensor, n=gguf_name:
+                                       permuted(n, _q8_0_codes_and_scales(t)[0])))
+            plan.append(_PlannedTensor(hf_name + "_scale", [shape[0], shape[1] // _Q8_0_BLOCK], "F32",
+                                       lambda t=tensor, n=gguf_name:
+                                       permuted(n, _q8_0_codes_and_scales(t)[1])))
+        else:
+            plan.append(_PlannedTensor(hf_name, shape, "F32", lambda t=tensor, n=gguf_name:
+                                       permuted(n, _dequantize(t))))
+    _stream_safetensors(out_path, plan)
 
 
-def _stream_safetensors(out_path: Path, plan: list[tuple[str, Any]],
-                        produce: Callable[[Any], np.ndarray]) -> None:
-    """Write float32 tensors one at a time, so peak memory is one tensor, not the whole model.
+@dataclass(frozen=True)
+class _PlannedTensor:
+    """One output tensor: its name, shape and safetensors dtype, and how to produce it."""
+
+    name: str
+    shape: list[int]
+    dtype: str  # "F32" or "I8"
+    produce: Callable[[], np.ndarray]
+
+
+_NUMPY_DTYPES = {"F32": "<f4", "I8": "i1"}
+
+
+def _stream_safetensors(out_path: Path, plan: list[_PlannedTensor]) -> None:
+    """Write tensors one at a time, so peak memory is one tensor, not the whole model.
 
     safetensors' own ``save_file`` needs every tensor in memory at once; the format (u64 header
     length, JSON header with offsets, raw little-endian data) is simple enough to stream.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for hf_name, tensor in plan:
-        shape = [int(dim) for dim in reversed(tensor.shape)]
-        nbytes = 4 * int(np.prod(shape))
-        header[hf_name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+    for item in plan:
+        nbytes = np.dtype(_NUMPY_DTYPES[item.dtype]).itemsize * int(np.prod(item.shape))
+        header[item.name] = {"dtype": item.dtype, "shape": item.shape,
+                             "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
     with open(out_path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        for hf_name, tensor in plan:
-            values = np.ascontiguousarray(produce(tensor), dtype="<f4")
-            if list(values.shape) != header[hf_name]["shape"]:
-                raise ValueError(f"{hf_name}: produced shape {values.shape}, expected {header[hf_name]['shape']}")
+        for item in plan:
+            values = np.ascontiguousarray(item.produce(), dtype=_NUMPY_DTYPES[item.dtype])
+            if list(values.shape) != item.shape:
+                raise ValueError(f"{item.name}: produced shape {values.shape}, expected {item.shape}")
             f.write(memoryview(values).cast("B"))
 
 

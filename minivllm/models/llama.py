@@ -24,6 +24,7 @@ from minivllm.layers.attention import PagedAttention
 from minivllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
 from minivllm.layers.norm import RMSNorm
+from minivllm.layers.quantization.base import LinearMethod
 from minivllm.layers.rotary import RotaryEmbedding
 from minivllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding, lm_logits
 from minivllm.layers.weight_loading import WeightSource, copy_replicated
@@ -38,17 +39,18 @@ class DecoderAttention(nn.Module):
     """
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
-                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None) -> None:
+                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, qkv_bias, tp_group)
+                                          cfg.num_key_value_heads, qkv_bias, tp_group, linear_method)
         self.num_heads = self.qkv_proj.num_local_heads
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
-                                        bias=False, tp_group=tp_group)
+                                        bias=False, tp_group=tp_group, method=linear_method)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -74,12 +76,14 @@ class GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused (column-parallel), down row-parallel."""
 
     def __init__(self, hidden_size: int, intermediate_size: int,
-                 tp_group: TensorParallelGroup | None = None) -> None:
+                 tp_group: TensorParallelGroup | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear.even(
-            hidden_size, [intermediate_size] * 2, bias=False, tp_group=tp_group)
+            hidden_size, [intermediate_size] * 2, bias=False, tp_group=tp_group,
+            method=linear_method)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
-                                           tp_group=tp_group)
+                                           tp_group=tp_group, method=linear_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The activation runs inside down_proj: fused into its matmul at batch-1 decode.
@@ -90,12 +94,14 @@ class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the next norm."""
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
-                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None) -> None:
+                 qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm, tp_group)
+        self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm, tp_group,
+                                          linear_method)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group, linear_method)
 
     def forward(self, positions, x, residual, kv_cache, meta):
         # Each pre-norm (with the residual add before it) runs folded into the projection
@@ -127,8 +133,12 @@ class LlamaForCausalLM(nn.Module):
     has_lm_head = True  # pooling variants (models/pooling.py) drop it
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int,
-                 tp_group: TensorParallelGroup | None = None) -> None:
-        """Raises ValueError when ``cfg`` does not split over ``tp_group``'s ranks."""
+                 tp_group: TensorParallelGroup | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
+        """Raises ValueError when ``cfg`` does not split over ``tp_group``'s ranks.
+
+        ``linear_method`` stores and multiplies the decoder's linear weights (None: dense); the
+        embedding and LM head are never quantised."""
         super().__init__()
         if tp_group is not None:
             check_tensor_parallel(cfg, tp_group.world_size)
@@ -138,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group)
+            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group, linear_method)
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings or not self.has_lm_head else ParallelLMHead(
@@ -183,6 +193,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still store a copy
+            # FP8 checkpoints name the block scales (multipliers) weight_scale_inv.
+            if name.endswith(".weight_scale_inv"):
+                name = name[:-len("_inv")]
             shard = None
             for frag, (fused, idx) in _STACKED.items():
                 if frag in name:

@@ -28,9 +28,11 @@ class ModelRunner:
 
     def __init__(self, *, model_dir, arch: ModelArchConfig, device: torch.device, dtype: torch.dtype,
                  load_format: str, seed: int, attention_backend: str, max_position: int,
-                 tp_group: TensorParallelGroup | None = None) -> None:
+                 tp_group: TensorParallelGroup | None = None,
+                 quantization: str | None = None) -> None:
         """``tp_group``: this runner is one tensor-parallel rank; it holds that rank's shard of
-        the weights and of the KV cache (its KV heads). Every rank samples identically."""
+        the weights and of the KV cache (its KV heads). Every rank samples identically.
+        ``quantization``: the resolved weight format (``EngineConfig.quantization``)."""
         self.arch = arch
         self.tp_group = tp_group
         self.num_kv_cache_heads = kv_cache_heads_per_rank(arch, tp_rank_and_size(tp_group)[1])
@@ -39,7 +41,7 @@ class ModelRunner:
         torch.manual_seed(seed)
         self.backend = get_attention_backend(attention_backend, device, arch.head_dim)
         self.model = load_model(arch, model_dir, self.backend, device, dtype, load_format, seed,
-                                max_position, tp_group=tp_group)
+                                max_position, tp_group=tp_group, quantization=quantization)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
