@@ -34,7 +34,8 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
                         attention_backend: str = "auto", tensor_parallel_size: int = 1,
                         skip_tokenizer_init: bool = False,
                         async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                        quantization: str | None = None, task: str = "auto") -> EngineConfig:
+                        quantization: str | None = None, task: str = "auto",
+                        calculate_kv_scales: bool = False) -> EngineConfig:
     """Validate user arguments once and resolve them into a frozen ``EngineConfig``.
 
     The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
@@ -42,7 +43,11 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
     elsewhere (on CPU the "device" is the host: nothing to overlap); ``True`` forces it.
     ``max_num_batched_tokens=None`` is 8192 on CUDA and 256 on CPU, where a step of 8192 prompt
     tokens would take minutes and an abort only takes effect at the next step.
+    ``kv_cache_dtype="fp8"`` stores K/V as float8 e4m3 with per-layer scales, fixed at 1.0, or
+    set from the first step's ``amax / 448`` with ``calculate_kv_scales=True``.
     """
+    if not isinstance(calculate_kv_scales, bool):
+        raise ValueError(f"calculate_kv_scales must be True or False, got {calculate_kv_scales!r}")
     if async_scheduling is not None and not isinstance(async_scheduling, bool):
         raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
     dev = resolve_device(device)
@@ -55,8 +60,6 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
                          max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
                          quantization=quantization, task=task)
     # Seams for issues 11/12; each consumer removes its line when it lands.
-    if kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not implemented yet")
     if quantization is not None:
         raise ValueError(f"quantization={quantization!r} is not implemented yet")
     if task not in ("auto", "generate"):
@@ -85,6 +88,7 @@ def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = 
         seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
         tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
         async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
+        calculate_kv_scales=calculate_kv_scales,
         quantization=quantization, task=resolve_task(task, arch))
 
 
@@ -105,7 +109,8 @@ class LLM:
                  load_format: str = "auto", attention_backend: str = "auto",
                  tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False,
                  async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None, task: str = "auto") -> None:
+                 quantization: str | None = None, task: str = "auto",
+                 calculate_kv_scales: bool = False) -> None:
         self.config = build_engine_config(
             model, dtype=dtype, device=device, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -115,7 +120,7 @@ class LLM:
             load_format=load_format, attention_backend=attention_backend,
             tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-            quantization=quantization, task=task)
+            quantization=quantization, task=task, calculate_kv_scales=calculate_kv_scales)
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.eos_token_ids = frontend.eos_token_ids
