@@ -27,10 +27,11 @@ def _round_to_e4m3_grid(y):
     bits = y.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000
     normal = bits.to(tl.float32, bitcast=True)
-    # Subnormal range (|y| < 2**-6): multiples of 2**-9, the float32 spacing at 2**14.
+    # Subnormal range (|y| < 2**-6): multiples of 2**-9, the float32 spacing at 2**14; the
+    # sign goes back on as a bit, so that -0.0 stays -0.0 as in torch's cast.
     mag = tl.abs(y)
-    sub = (mag + 16384.0) - 16384.0
-    sub = tl.where(y < 0, -sub, sub)
+    sub = ((mag + 16384.0) - 16384.0).to(tl.int32, bitcast=True)
+    sub = (sub | (y.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(mag < 0.015625, sub, normal)
 
 

@@ -55,8 +55,8 @@ def test_store_quantises_like_torch_within_e4m3_error(dtype, device, generator):
     store_kv_reference(k, v, ref_k, ref_v, slots, k_scale.cpu(), v_scale.cpu())
     for out, ref, x, scale in ((k_cache, ref_k, k, k_scale), (v_cache, ref_v, v, v_scale)):
         got, want = out.cpu().float(), ref.float()
-        if device.type == "cpu":
-            assert torch.equal(got, want)  # same IEEE division, same round-to-nearest-even
+        if device.type == "cpu":  # same IEEE division, same round-to-nearest-even: same bytes
+            assert torch.equal(out.cpu().view(torch.uint8), ref.view(torch.uint8))
         else:  # the GPU's float32 division may differ in the last bit: one e4m3 step at most
             step = (want.abs() * E4M3_REL_STEP).clamp_min(2.0 ** -9)
             assert ((got - want).abs() <= step).all()
@@ -75,6 +75,22 @@ def test_store_quantises_like_torch_within_e4m3_error(dtype, device, generator):
     after = k_cache.cpu().view(torch.uint8)
     assert torch.equal(after.view(-1, heads, dim)[untouched],
                        before.view(-1, heads, dim)[untouched])
+
+
+def test_store_rounds_ties_to_even_and_saturates(device):
+    """Exact ties (normal and subnormal), signed zeros, underflow and values past 448."""
+    special = [1.0625, 1.1875, -1.0625, 3 * 2.0 ** -10, 5 * 2.0 ** -10, 2.0 ** -11, -0.0, 0.0,
+               464.0, 1e6, -1e6, 447.9, 0.015625, 0.0156, -7 * 2.0 ** -10]
+    row = torch.tensor(special + [1.0] * (64 - len(special)))
+    k = row.view(1, 1, 64).to(device)
+    cache = torch.zeros(1, 16, 1, 64, dtype=FP8_KV_DTYPE, device=device)
+    v_cache = torch.zeros_like(cache)
+    one = torch.ones(1, device=device)
+    store_kv(k, k, cache, v_cache, torch.tensor([3], device=device), one, one)
+    want = row.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+    assert torch.equal(cache[0, 3, 0].cpu().view(torch.uint8), want.view(torch.uint8))
+    assert cache[0, 3, 0, :3].cpu().float().tolist() == [1.0, 1.25, -1.0]  # to even
+    assert cache[0, 3, 0, 8:11].cpu().float().tolist() == [448.0, 448.0, -448.0]  # saturated
 
 
 def _fp8_batch(seqs, *, block_size, group, head_dim, dtype, device, generator,
