@@ -416,7 +416,7 @@ def cfg_name(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- tuning
-def tune(device, smoke) -> dict:
+def tune(device, smoke, decode_only: bool = False) -> dict:
     base = DEFAULT_DECODE_CONFIG
     dec_cfgs = [base] + [dataclasses.replace(base, **kw) for kw in [
         dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(max_splits=64),
@@ -428,6 +428,11 @@ def tune(device, smoke) -> dict:
         (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
     out = dict(decode=bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False))
     out["decode_bs64"] = bench_decode(device, smoke, dec_shapes[:4], bs=64, with_sdpa=False)
+    # FP8 tiles are half the bytes: the best tile / pipeline depth may differ from bf16's.
+    out["decode_fp8"] = bench_decode(device, smoke, dec_shapes, configs=dec_cfgs,
+                                     with_sdpa=False, kv_fp8=True)
+    if decode_only:
+        return out
     out["prefill"] = bench_prefill(device, smoke, [64] if smoke else [1024, 4096],
                                    configs=pre_cfgs, with_sdpa=False)
     out["prefill_d64"] = bench_prefill(device, smoke, [64] if smoke else [4096], dim=64,
@@ -553,7 +558,7 @@ def main() -> None:
     res["copy"] = copy_bandwidth(device, args.smoke)
     res["copy_gbps"] = res["copy"]["roofline"]
     if args.tune:
-        res["tune"] = tune(device, args.smoke)
+        res["tune"] = tune(device, args.smoke, args.decode_only)
         save()
         print(f"[{time.time() - t0:.0f}s] tuning done", flush=True)
         for section, rows in res["tune"].items():

@@ -8,6 +8,9 @@ kernel merges the splits. With one split the first kernel writes the output dire
 
 Every launch size depends only on ``num_seqs`` (the padded batch), the head counts and the
 static ``max_seq_len`` cap: no ``.item()``, no host sync, so the step can be graph-captured.
+
+An FP8 (e4m3) cache is read as bytes and cast exactly to the query dtype in registers; its K/V
+scales (read through pointers, so graphs see updates) fold into the softmax scale and output.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ depends only on the (padded) token and sequence counts, never on the lengths' va
 GQA packing: a tile's ``BLOCK_M`` rows are ``BLOCK_Q`` query tokens x ``GROUP_PAD`` query heads
 of one KV head (row ``r`` is token ``r // GROUP_PAD``, head ``r % GROUP_PAD``), so every K/V tile
 loaded is used by all heads that share it.
+
+An FP8 (e4m3) cache is dequantised in registers as in the decode kernel (exact cast, scales
+folded into the softmax scale and the output).
 """
 
 from __future__ import annotations
