@@ -7,10 +7,13 @@ per layer for K and one for V: the cache holds ``sat(x / scale)`` and readers us
 once from the first step's ``amax / 448`` and then frozen.
 
 Why 1.0 is the default: e4m3 keeps a relative error of at most 2**-4 for every |x| in
-[2**-6, 448]; only values outside that range (saturation above, absolute error 2**-10 below)
-lose more. The embedded SmolLM2's |k| reaches ~20 and |v| ~11 per layer (and random-weight
-models far less), well inside it, so a computed scale buys little, while a scale taken from one
-short first prompt can under-estimate later activations and saturate them.
+[2**-6, 448] whatever the scale; only values outside that range (saturation above, absolute
+error 2**-10 below) lose more. The embedded SmolLM2's |k| reaches ~20 and |v| 0.5-11 per layer
+(random-weight models less), well inside it: on SmolLM2 (4 chat prompts x 32 tokens, teacher-
+forced against float32) the mean |dlogprob| is 0.155 with scales 1.0 and 0.154 with computed
+ones. A computed scale buys nothing there, while one taken from a short first prompt can
+under-estimate later activations and saturate them. (Per-head scales would not help either:
+they change the range, not the 3-bit relative precision that dominates the error.)
 """
 
 from __future__ import annotations
