@@ -182,11 +182,11 @@ def _engine_error(path, hf32, prompts, **kw):
             errs += [abs(lp - ref[pos, t].item()) for t, lp in lps.items()]
             flips += int(ref[pos].argmax().item() != tok)
     runner = llm.engine.executor.runner
-    res = dict(mean=sum(errs) / len(errs), max=max(errs), flips=flips,
-               blocks=llm.stats()["num_kv_blocks"], dtype=runner.kv_caches[0].k.dtype,
-               graphs=runner.decode_graphs is not None,
-               k_scales=[c.k_scale.item() for c in runner.kv_caches[:3]]
-               if runner.kv_caches[0].k_scale is not None else None)
+    fp8 = runner.kv_caches[0].k_scale is not None
+    res = {"mean": sum(errs) / len(errs), "max": max(errs), "flips": flips,
+           "blocks": llm.stats()["num_kv_blocks"], "dtype": runner.kv_caches[0].k.dtype,
+           "graphs": runner.decode_graphs is not None,
+           "k_scales": [c.k_scale.item() for c in runner.kv_caches[:3]] if fp8 else None}
     del llm
     torch.cuda.empty_cache()
     return res

@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minivllm.attention.kv_cache import FP8_E4M3_MAX, FP8_KV_DTYPE, dequantize_fp8, quantize_fp8
+from minivllm.attention.kv_cache import (
+    FP8_E4M3_MAX,
+    FP8_KV_DTYPE,
+    dequantize_fp8,
+    quantize_fp8,
+)
 from minivllm.attention.torch_ref import TorchReferenceBackend, store_kv_reference
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import paged_decode_attention
