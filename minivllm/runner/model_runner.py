@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 
@@ -18,6 +19,8 @@ from minivllm.models.loader import load_model
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import InputBatch, PreviousSample
 from minivllm.runner.step_handle import StepHandle
+
+logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # CPU has no memory profiler worth trusting: a fixed, modest cap
 GIB = 1 << 30
@@ -110,6 +113,13 @@ class ModelRunner:
 
         self.kv_caches = [layer_cache() for _ in range(a.num_hidden_layers)]
         self.block_size = block_size
+        if fp8:
+            model_elem = torch.tensor([], dtype=self.dtype).element_size()
+            logger.info("KV cache in fp8 e4m3: %d blocks (%d tokens) in %.2f GiB, %dx the "
+                        "blocks of %s in the same memory; scales %s", num_blocks,
+                        num_blocks * block_size, num_blocks * self.kv_bytes_per_block(block_size)
+                        / GIB, model_elem, str(self.dtype).removeprefix("torch."),
+                        "from the first step's amax" if self.kv_scales_pending else "1.0")
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture pure-decode CUDA graphs (needs the KV cache allocated). Only the Triton

@@ -4,6 +4,8 @@ start-up errors."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -26,7 +28,8 @@ MEAN_LOGPROB_TOL = 0.3
 MAX_FLIP_FRACTION = 0.25
 
 
-def test_fp8_smollm_close_to_float32(smollm_dir, hf_smol):
+def test_fp8_smollm_close_to_float32(smollm_dir, hf_smol, caplog):
+    caplog.set_level(logging.INFO)
     llm = LLM(smollm_dir, device="cpu", dtype="float32", kv_cache_dtype="fp8",
               calculate_kv_scales=True)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
@@ -61,6 +64,7 @@ def test_fp8_smollm_close_to_float32(smollm_dir, hf_smol):
     per_block_fp8 = 2 * arch.num_hidden_layers * 16 * arch.num_key_value_heads * arch.head_dim
     assert llm.stats()["num_kv_blocks"] == CPU_KV_CACHE_BYTES // per_block_fp8
     assert llm.stats()["kv_cache_dtype"] == "fp8"
+    assert "fp8 e4m3" in caplog.text and "4x the blocks of float32" in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; GPU runs tests/gpu")
