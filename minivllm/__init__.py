@@ -4,10 +4,11 @@ from typing import Any
 
 from minivllm.llm import LLM
 from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "EngineDeadError", "SamplingParams", "RequestOutput",
-           "CompletionOutput"]
+           "CompletionOutput", "PoolingParams"]
 __version__ = "0.1.0"
 
 

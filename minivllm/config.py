@@ -40,6 +40,8 @@ class ModelArchConfig:
     attention_bias: bool
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Class names of a ``*ForSequenceClassification`` head, by index (empty for other models).
+    id2label: tuple[str, ...] = ()
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelArchConfig":
@@ -86,7 +88,21 @@ class ModelArchConfig:
             attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             bos_token_id=raw.get("bos_token_id"),
+            id2label=_labels(raw) if archs[0].endswith("ForSequenceClassification") else (),
         )
+
+
+def _labels(raw: dict) -> tuple[str, ...]:
+    """Label names of a classifier config, as HF reads them: ``id2label`` when saved, else
+    ``num_labels`` (default 2) names ``LABEL_i``."""
+    id2label = raw.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"config.json id2label keys must be 0..{len(by_index) - 1}")
+        return tuple(by_index[i] for i in range(len(by_index)))
+    n = int(raw.get("num_labels") or 2)
+    return tuple(f"LABEL_{i}" for i in range(n))
 
 
 def _generation_eos(model_dir: Path) -> list[int]:
@@ -179,6 +195,10 @@ class EngineConfig:
     quantization: str | None = None
     # What the engine runs: "generate" (causal LM), "classify" or "embed" (pooling models).
     task: str = "generate"
+    # A tokenizer directory other than ``model_dir`` (None: the model's own).
+    tokenizer_dir: Path | None = None
+    # Passed to the HF tokenizer loading: allow code shipped with the model to run.
+    trust_remote_code: bool = False
 
 
 def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -214,8 +234,15 @@ def validate_engine_args(*, block_size: int, max_num_seqs: int, max_num_batched_
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def resolve_task(task: str, arch: ModelArchConfig) -> str:
-    """``auto`` → ``classify`` for ``*ForSequenceClassification`` architectures, else ``generate``."""
+def resolve_task(task: str, arch: ModelArchConfig, model_dir: Path | None = None) -> str:
+    """``auto`` → ``classify`` for ``*ForSequenceClassification`` architectures, ``embed`` for
+    bare decoders (``Qwen3Model``, what ``AutoModel`` saves) and sentence-transformers packages
+    (a ``modules.json`` beside the config, as Qwen3-Embedding ships), else ``generate``."""
     if task != "auto":
         return task
-    return "classify" if arch.architecture.endswith("ForSequenceClassification") else "generate"
+    name = arch.architecture
+    if name.endswith("ForSequenceClassification"):
+        return "classify"
+    if name.endswith("Model") or (model_dir is not None and (Path(model_dir) / "modules.json").is_file()):
+        return "embed"
+    return "generate"

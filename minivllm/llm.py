@@ -6,121 +6,38 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from minivllm.config import (CacheConfig, EngineConfig, ModelArchConfig, SchedulerConfig,
-                             default_max_num_batched_tokens, resolve_device, resolve_dtype,
-                             resolve_task, validate_engine_args)
-from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
 from minivllm.engine.input_processor import ProcessedPrompt, PromptType
+from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
+from minivllm.pooling.engine import check_task
+from minivllm.pooling.offline import run_pooling, run_score
+from minivllm.pooling.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                      ScoringRequestOutput)
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
 
 
-def build_engine_config(model: str | None = None, *, dtype: str | torch.dtype = "auto",
-                        device: str | torch.device = "auto", max_model_len: int | None = None,
-                        max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                        block_size: int = 16, num_kv_blocks: int | None = None,
-                        gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                        enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
-                        attention_backend: str = "auto", tensor_parallel_size: int = 1,
-                        skip_tokenizer_init: bool = False,
-                        async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                        quantization: str | None = None, task: str = "auto",
-                        calculate_kv_scales: bool = False) -> EngineConfig:
-    """Validate user arguments once and resolve them into a frozen ``EngineConfig``.
-
-    The keyword arguments (and their defaults) are those of ``LLM`` and ``AsyncLLM``.
-    ``async_scheduling=None`` overlaps host scheduling with the device step on CUDA and not
-    elsewhere (on CPU the "device" is the host: nothing to overlap); ``True`` forces it.
-    ``max_num_batched_tokens=None`` is 8192 on CUDA and 256 on CPU, where a step of 8192 prompt
-    tokens would take minutes and an abort only takes effect at the next step.
-    ``kv_cache_dtype="fp8"`` stores K/V as float8 e4m3 with per-layer scales, fixed at 1.0, or
-    set from the first step's ``amax / 448`` with ``calculate_kv_scales=True``.
-    """
-    if not isinstance(calculate_kv_scales, bool):
-        raise ValueError(f"calculate_kv_scales must be True or False, got {calculate_kv_scales!r}")
-    if async_scheduling is not None and not isinstance(async_scheduling, bool):
-        raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
-    dev = resolve_device(device)
-    if max_num_batched_tokens is None:
-        max_num_batched_tokens = default_max_num_batched_tokens(dev)
-    validate_engine_args(block_size=block_size, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens,
-                         gpu_memory_utilization=gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
-                         load_format=load_format, tensor_parallel_size=tensor_parallel_size,
-                         max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
-                         quantization=quantization, task=task)
-    # Seams for issues 11/12; each consumer removes its line when it lands.
-    if quantization is not None:
-        raise ValueError(f"quantization={quantization!r} is not implemented yet")
-    if task not in ("auto", "generate"):
-        raise ValueError(f"task={task!r} is not implemented yet")
-    from minivllm.models.embedded import resolve_model_dir
-
-    model_dir = resolve_model_dir(model)
-    arch = ModelArchConfig.from_dir(model_dir)
-    check_tensor_parallel(arch, tensor_parallel_size)  # before any worker process starts
-    if max_model_len is None:
-        max_model_len = arch.max_position_embeddings
-    elif max_model_len > arch.max_position_embeddings:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
-                         f"max_position_embeddings {arch.max_position_embeddings}")
-    if async_scheduling is None:
-        async_scheduling = dev.type == "cuda"
-    if load_format == "auto":
-        load_format = "safetensors"
-    elif load_format == "gguf":
-        load_format = "safetensors"  # resolve_model_dir already converted the GGUF file
-    return EngineConfig(
-        model_dir=Path(model_dir), arch=arch, device=dev, dtype=resolve_dtype(dtype, dev),
-        load_format=load_format,
-        cache=CacheConfig(block_size, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
-        seed=seed, enforce_eager=enforce_eager, attention_backend=attention_backend,
-        tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
-        async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-        calculate_kv_scales=calculate_kv_scales,
-        quantization=quantization, task=resolve_task(task, arch))
-
-
 class LLM:
     """An engine for offline batch inference.
 
     ``model=None`` runs the embedded SmolLM2-135M-Instruct. ``model`` may also be an HF
-    directory, a ``.gguf`` file, or a directory with a ``config.json`` and
-    ``load_format="dummy"`` for seeded random weights.
+    directory, a ``.gguf`` file, a hub repo id (``"Qwen/Qwen3-0.6B"``, through the HF cache),
+    or a directory with a ``config.json`` and ``load_format="dummy"`` for seeded random weights.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 block_size: int = 16,
-                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0,
-                 load_format: str = "auto", attention_backend: str = "auto",
-                 tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False,
-                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None, task: str = "auto",
-                 calculate_kv_scales: bool = False) -> None:
-        self.config = build_engine_config(
-            model, dtype=dtype, device=device, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager, seed=seed,
-            load_format=load_format, attention_backend=attention_backend,
-            tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init,
-            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
-            quantization=quantization, task=task, calculate_kv_scales=calculate_kv_scales)
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """``kwargs`` are the fields of :class:`~minivllm.engine_args.EngineArgs` (``dtype``,
+        ``max_model_len``, ``max_num_seqs``, ``tensor_parallel_size``, ``tokenizer``,
+        ``revision``, ...); an unknown name raises ``TypeError`` naming it, a bad value
+        ``ValueError``."""
+        self.config = EngineArgs.from_kwargs(model, kwargs, "LLM").create_engine_config()
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.eos_token_ids = frontend.eos_token_ids
@@ -148,8 +65,15 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one OpenAI-style conversation or a list of them."""
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate replies to one OpenAI-style conversation or a list of them.
+
+        ``chat_template`` replaces the tokenizer's template; ``chat_template_kwargs`` are extra
+        template variables; ``continue_final_message=True`` (with ``add_generation_prompt=False``)
+        makes the model continue the last, assistant, message instead of starting a new one.
+        """
         if self.tokenizer is None:
             raise ValueError("chat() needs a tokenizer")
         if not isinstance(messages, list) or not messages:
@@ -157,7 +81,10 @@ class LLM:
         conversations = messages if isinstance(messages[0], list) else [messages]
         processed = []
         for conv in conversations:
-            text = render_chat(self.tokenizer, conv)
+            text = render_chat(self.tokenizer, conv, chat_template=chat_template,
+                               chat_template_kwargs=chat_template_kwargs,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             processed.append(ProcessedPrompt(text, ids))
         return self._run(processed, self._params_list(sampling_params, len(processed)), use_tqdm)
@@ -189,6 +116,7 @@ class LLM:
     def _run(self, prompts: list[ProcessedPrompt], params: list[SamplingParams],
              use_tqdm: bool) -> list[RequestOutput]:
         # Validate everything before queueing anything, so a bad prompt leaves no residue.
+        check_task(self.config.task, is_pooling=False)
         for p in prompts:
             self.engine.check_request(len(p.prompt_token_ids))
         order: dict[str, int] = {}
@@ -221,6 +149,33 @@ class LLM:
         finally:
             bar.close()
         return [r for r in results if r is not None]
+
+    # ---- pooling models: classify / embed / score (see minivllm/pooling/) -----------------
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """Class probabilities of each prompt (``out.outputs.probs``, ``.label``) from a
+        ``*ForSequenceClassification`` model; in input order.
+
+        Raises:
+            ValueError: bad prompts or parameters, a prompt over ``max_model_len`` without
+                ``truncate_prompt_tokens``, or a model that is not a classifier.
+        """
+        return run_pooling(self, "classify", prompts, pooling_params, use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embedding of each prompt (``out.outputs.embedding``, L2-normalised by default) from
+        an embedding model (task ``embed``); in input order. Raises as ``classify``."""
+        return run_pooling(self, "embed", prompts, pooling_params, use_tqdm)
+
+    def score(self, text_1: PromptType | Sequence[PromptType], text_2: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """Cosine similarity of embeddings (``out.outputs.score``): one ``text_1`` against each
+        ``text_2``, or two equally long lists pairwise. Raises as ``embed``."""
+        return run_score(self, text_1, text_2, pooling_params, use_tqdm)
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

@@ -15,12 +15,32 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one position, as vLLM returns it.
+
+    ``rank`` is 1-based among the whole vocabulary (1: the most likely token; the raw model
+    distribution, before temperature, penalties or top-k/top-p). ``decoded_token`` is the
+    token's text (None without a tokenizer).
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated token: token id → Logprob, the top-N tokens plus the sampled one.
+SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token: None for the first (nothing predicts it), then token id → Logprob.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class CompletionOutput:
     """One of the ``n`` completions of a request.
 
-    ``logprobs`` (when requested) holds, per generated token, a dict token id → logprob with the
-    top-N tokens plus the sampled one. ``stop_reason`` is the stop string or stop token id that
-    ended generation (None for EOS / length).
+    ``logprobs`` (when requested) holds, per generated token, a dict token id → ``Logprob``
+    with the top-N tokens plus the sampled one. ``stop_reason`` is the stop string or stop
+    token id that ended generation (None for EOS / length).
     """
 
     index: int
@@ -28,11 +48,11 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: SampleLogprobs | None = None
     cumulative_logprob: float | None = None
 
-    @property
     def finished(self) -> bool:
+        """Whether this completion has ended (a method, as in vLLM)."""
         return self.finish_reason is not None
 
 
@@ -53,3 +73,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
     error: str | None = None
+    # vLLM's field; None: the engine computes no prompt logprobs (SamplingParams has no
+    # ``prompt_logprobs``), so there is never anything to put here yet.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -29,7 +29,8 @@ def rank_from_env() -> tuple[int, int, int] | None:
 def init_distributed(rank: int | None = None, world_size: int | None = None,
                      backend: str | None = None, init_method: str | None = None, *,
                      device_type: str = "cpu", timeout_s: float = 120.0,
-                     store: dist.Store | None = None) -> TensorParallelGroup:
+                     store: dist.Store | None = None,
+                     local_rank: int | None = None) -> TensorParallelGroup:
     """Join the default process group and return the tensor-parallel group over all its ranks.
 
     Rendezvous, in order of preference: an explicit ``store``; an explicit ``init_method``
@@ -45,6 +46,8 @@ def init_distributed(rank: int | None = None, world_size: int | None = None,
         device_type: ``"cuda"`` or ``"cpu"``.
         timeout_s: how long collectives (and the rendezvous) may wait for a peer.
         store: an already-created ``torch.distributed`` store (e.g. a TCPStore on port 0).
+        local_rank: this process's rank on its host (picks the GPU); default from
+            ``LOCAL_RANK`` when the environment describes this rank, else ``rank``.
 
     Raises:
         ValueError: when rank/world size cannot be determined or are inconsistent.
@@ -53,6 +56,7 @@ def init_distributed(rank: int | None = None, world_size: int | None = None,
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process")
     env = rank_from_env()
+    explicit_local_rank = local_rank
     local_rank = rank
     if rank is None or world_size is None:
         if env is None:
@@ -61,6 +65,8 @@ def init_distributed(rank: int | None = None, world_size: int | None = None,
         rank, world_size, local_rank = env
     elif env is not None and env[0] == rank:
         local_rank = env[2]
+    if explicit_local_rank is not None:
+        local_rank = explicit_local_rank
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of size {world_size}")
     if store is None and init_method is None:

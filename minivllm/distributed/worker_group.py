@@ -13,15 +13,22 @@ timeout), because rank 0 can wait for replies in short polls and check between t
 worker process is still alive, and because control traffic then never shares a communicator
 with the tensor collectives (nor a CUDA stream, nor a graph being captured).
 
-Failures: a worker that raises reports the traceback and exits; a worker that dies is seen by
-its exit code. Either makes rank 0 raise :class:`WorkerError` within about a poll interval (or,
-if rank 0 is inside a collective, as soon as gloo notices the closed connection), and the group
-is then unusable: ``shutdown()`` is the only thing left to do.
+Several hosts (``nodes``, see :mod:`.nodes`): this host holds ranks ``0..L-1``; the store
+listens on ``MASTER_PORT`` and the control socket on all interfaces, and the ranks of the other
+hosts (started there by ``minivllm worker``) find both through the store.
+
+Failures: a worker that raises reports the traceback and exits; a local worker that dies is
+seen by its exit code, a remote one by its control connection closing. Either makes rank 0
+raise :class:`WorkerError` within about a poll interval (or, if rank 0 is inside a collective,
+as soon as gloo notices the closed connection), and the group is then unusable: ``shutdown()``
+is the only thing left to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import os
 import pickle
 import subprocess
@@ -33,9 +40,15 @@ from collections.abc import Callable
 from typing import Any
 
 from minivllm.distributed.init import default_backend, destroy_distributed, init_distributed
+from minivllm.distributed.nodes import NodeLayout, publish_worker_spec
 from minivllm.distributed.worker_proc import WorkerContext, WorkerSpec, worker_device, worker_main
 
+logger = logging.getLogger(__name__)
+
 POLL_INTERVAL_MS = 50
+# After a control connection closes, how long a local worker gets to show an exit code before
+# the failure is put on the remote ranks.
+_DISCONNECT_GRACE_S = 0.5
 
 
 def _launch_worker(spec: WorkerSpec) -> subprocess.Popen:
@@ -84,7 +97,8 @@ class WorkerGroup:
 
     def __init__(self, world_size: int, *, device_type: str = "cpu", backend: str | None = None,
                  startup_timeout_s: float = 60.0, collective_timeout_s: float = 300.0,
-                 host: str = "127.0.0.1", worker_num_threads: int | None = None) -> None:
+                 host: str = "127.0.0.1", worker_num_threads: int | None = None,
+                 nodes: NodeLayout | None = None) -> None:
         """
         Args:
             world_size: ranks in all, this process included (>= 1).
@@ -94,12 +108,16 @@ class WorkerGroup:
             collective_timeout_s: how long a collective waits for a live but stuck peer.
             host: address the rendezvous store and control socket bind to (one host).
             worker_num_threads: ``torch.set_num_threads`` in each worker (CPU runs).
+            nodes: the group spans several hosts (this one is node 0); None: one host.
 
         Raises:
-            ValueError: for a world size below 1.
+            ValueError: for a world size below 1, or one that does not split over ``nodes``.
         """
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.nodes = nodes
+        # Ranks this host starts; the others (other hosts) connect by themselves.
+        self.local_world_size = world_size if nodes is None else nodes.ranks_per_node(world_size)
         self.world_size = world_size
         self.device_type = device_type
         self.backend = backend or default_backend(device_type)
@@ -108,9 +126,10 @@ class WorkerGroup:
         self.host = host
         self.worker_num_threads = worker_num_threads
         self.context: WorkerContext | None = None
-        self._procs: list[subprocess.Popen] = []
+        self._procs: dict[int, subprocess.Popen] = {}
         self._zctx = None
         self._sock = None
+        self._monitor = None
         self._store = None
         self._seq = 0
         self._failure: WorkerError | None = None
@@ -130,21 +149,36 @@ class WorkerGroup:
         import torch.distributed as dist
         import zmq
 
-        self._store = dist.TCPStore(self.host, 0, self.world_size, is_master=True,
+        # One host: loopback, any free port. Several: the agreed port, reachable from outside.
+        store_host, store_port = (self.host, 0) if self.nodes is None else (
+            self.nodes.master_addr, self.nodes.master_port)
+        self._store = dist.TCPStore(store_host, store_port, self.world_size, is_master=True,
                                     timeout=datetime.timedelta(seconds=self.startup_timeout_s),
                                     wait_for_workers=False)
         self._zctx = zmq.Context()
         self._sock = self._zctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises
         self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port(f"tcp://{self.host}")
-        for rank in range(1, self.world_size):
-            spec = WorkerSpec(rank, self.world_size, self.backend, self.device_type, self.host,
-                              self._store.port, f"tcp://{self.host}:{port}",
-                              self.collective_timeout_s, self.worker_num_threads, os.getpid())
-            self._procs.append(_launch_worker(spec))
+        if self.nodes is None:
+            control = f"tcp://{self.host}:{self._sock.bind_to_random_port(f'tcp://{self.host}')}"
+        else:
+            # Remote ranks have no process handle here: their closed connection is the signal.
+            self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            control = f"tcp://{self.nodes.master_addr}:{self._sock.bind_to_random_port('tcp://*')}"
+        template = WorkerSpec(0, self.world_size, self.backend, self.device_type, store_host,
+                              self._store.port, control, self.collective_timeout_s,
+                              self.worker_num_threads, os.getpid())
+        if self.nodes is not None:
+            publish_worker_spec(self._store, template)
+            logger.info("tensor parallelism over %d nodes: waiting up to %.0f s for ranks %d..%d "
+                        "(`minivllm worker --master-addr %s --master-port %d --nnodes %d "
+                        "--node-rank K` on each other node)", self.nodes.nnodes,
+                        self.startup_timeout_s, self.local_world_size, self.world_size - 1,
+                        self.nodes.master_addr, self.nodes.master_port, self.nodes.nnodes)
+        for rank in range(1, self.local_world_size):
+            self._procs[rank] = _launch_worker(dataclasses.replace(template, rank=rank))
         # Whatever happens to this object or the interpreter, the workers go with it.
-        self._finalizer = weakref.finalize(self, _kill_all, list(self._procs))
+        self._finalizer = weakref.finalize(self, _kill_all, list(self._procs.values()))
         try:
             tp_group = self._rendezvous()
         except BaseException:
@@ -213,25 +247,38 @@ class WorkerGroup:
 
         Safe to call more than once and after a failure; leaves no child process behind.
         """
+        remote = set(range(self.local_world_size, self.world_size))
         if self._sock is not None:
-            for rank, proc in enumerate(self._procs, start=1):
-                if proc.poll() is None:
-                    try:
-                        self._sock.send_multipart([str(rank).encode(), pickle.dumps(("shutdown",))])
-                    except Exception:  # noqa: BLE001 - unreachable worker: killed below
-                        pass
+            for rank in range(1, self.world_size):
+                proc = self._procs.get(rank)
+                if proc is not None and proc.poll() is not None:
+                    continue
+                try:
+                    self._sock.send_multipart([str(rank).encode(), pickle.dumps(("shutdown",))])
+                except Exception:  # noqa: BLE001 - unreachable worker: killed below (or gone)
+                    remote.discard(rank)
         deadline = time.monotonic() + timeout_s
-        for proc in self._procs:
+        if self._sock is not None and self._failure is None:
+            # Remote ranks confirm before this end closes (closing first could drop "shutdown").
+            while remote and time.monotonic() < deadline:
+                msg = self._recv(POLL_INTERVAL_MS)
+                if msg is not None and msg[0] == "bye":
+                    remote.discard(msg[1])
+        for proc in self._procs.values():
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        _kill_all(self._procs)
-        self._procs = []
+        _kill_all(list(self._procs.values()))
+        self._procs = {}
         if self._owns_dist:
             destroy_distributed()
             self._owns_dist = False
         if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._sock.close(linger=0)
             self._zctx.term()
             self._sock = self._zctx = None
@@ -249,15 +296,15 @@ class WorkerGroup:
     # ---- commands ------------------------------------------------------------------------
     @property
     def worker_pids(self) -> list[int]:
-        """Process ids of ranks 1..N-1 (empty after shutdown)."""
-        return [p.pid for p in self._procs]
+        """Process ids of the ranks this host started, 1..L-1 (empty after shutdown)."""
+        return [self._procs[r].pid for r in sorted(self._procs)]
 
     def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results, rank 0 first.
 
         ``fn`` must be importable by name (a module-level function of an importable module,
-        not of ``__main__``) and its arguments and result picklable. Rank 0 runs it after sending it to the workers, so all ranks enter
-        its collectives together.
+        not of ``__main__``) and its arguments and result picklable. Rank 0 runs it after
+        sending it to the workers, so all ranks enter its collectives together.
 
         Raises:
             WorkerError: a worker raised or died (the group is then unusable).
@@ -328,9 +375,24 @@ class WorkerGroup:
 
     def _check_processes(self, pending: set[int], stage: str) -> None:
         for rank in sorted(pending):
-            code = self._procs[rank - 1].poll()
+            proc = self._procs.get(rank)
+            code = None if proc is None else proc.poll()
             if code is not None:
                 raise self._fail(rank, f"process exited with code {code} while {stage}")
+        if self._monitor is not None and self._monitor.poll(0):
+            # Some worker's control connection closed. A local one shows its exit code soon;
+            # otherwise it was a rank on another host (which one, ZMQ does not say).
+            deadline = time.monotonic() + _DISCONNECT_GRACE_S
+            while time.monotonic() < deadline:
+                for rank, proc in sorted(self._procs.items()):
+                    if proc.poll() is not None:
+                        raise self._fail(rank, f"process exited with code {proc.returncode} "
+                                               f"while {stage}")
+                time.sleep(0.05)
+            remote = range(self.local_world_size, self.world_size)
+            raise self._fail(remote[0], f"a worker on another host (ranks {remote[0]}.."
+                                        f"{remote[-1]}) closed its control connection while "
+                                        f"{stage}: its process or host is gone")
 
     def _fail(self, rank: int, message: str) -> WorkerError:
         if self._failure is None:

@@ -34,8 +34,12 @@ from minivllm.engine.input_processor import (ProcessedPrompt, PromptType, check_
 from minivllm.engine.scheduler import check_prompt_fits
 from minivllm.engine.serialization import outputs_from_wire, params_to_wire
 from minivllm.engine.stream import RequestFailedError, RequestStream
-from minivllm.llm import build_engine_config
+from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
+from minivllm.pooling.async_pooling import PoolingWaiters, run_pooling_async, run_score_async
+from minivllm.pooling.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
+                                      ScoringRequestOutput)
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 from minivllm.tokenizer import render_chat
 
@@ -54,7 +58,8 @@ class _Stream:
 
 
 class AsyncLLM:
-    """Async, streaming engine. Takes the same arguments as ``LLM``, plus:
+    """Async, streaming engine. Takes the same arguments as ``LLM`` (the fields of
+    ``EngineArgs``), plus:
 
     ``heartbeat_timeout_s``: ``check_health()`` raises ``EngineHungError`` once the engine
     core has not been heard from for this long (it reports at least every 0.5 s between steps,
@@ -68,7 +73,7 @@ class AsyncLLM:
                 or not math.isfinite(heartbeat_timeout_s) or heartbeat_timeout_s <= 0):
             raise ValueError(f"heartbeat_timeout_s must be a positive number, got {heartbeat_timeout_s!r}")
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
-        self.config = build_engine_config(model, **engine_kwargs)
+        self.config = EngineArgs.from_kwargs(model, engine_kwargs, "AsyncLLM").create_engine_config()
         frontend = build_frontend(self.config)
         self.tokenizer = frontend.tokenizer
         self.input_processor = frontend.input_processor
@@ -78,6 +83,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._stats_waiters: list[concurrent.futures.Future] = []
+        self._pooling = PoolingWaiters()  # classify/embed requests in flight
         # One thread: tokenizers are not safe to call from several threads at once.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="minivllm-tokenize")
@@ -238,6 +244,7 @@ class AsyncLLM:
     def _on_core_message(self, kind: str, payload: Any) -> None:
         if kind == "outputs":
             outs = outputs_from_wire(payload)
+            outs.outputs = self._pooling.deliver(outs.outputs)
             orphans = []
             with self._lock:
                 results, to_abort = self.output_processor.process(outs.outputs)
@@ -261,6 +268,8 @@ class AsyncLLM:
 
     def _on_add_error(self, payload: dict[str, Any]) -> None:
         """The core could not add (one sequence of) a request: fail that request alone."""
+        if self._pooling.fail(payload):
+            return
         child = payload.get("request_id")
         parent = child.split(":", 1)[1] if isinstance(child, str) and ":" in child else None
         if parent is None:
@@ -281,6 +290,7 @@ class AsyncLLM:
             pass
 
     def _fail_all(self, error: EngineDeadError) -> None:
+        self._pooling.fail_all(error)
         with self._lock:
             self.output_processor.fail_all()
             for rid in list(self._streams):  # one exception object per stream: each is raised
@@ -289,3 +299,28 @@ class AsyncLLM:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(error)
+
+    # ---- pooling models: classify / embed / score (see minivllm/pooling/) -----------------
+    async def classify(self, prompts: PromptType | list[PromptType],
+                       pooling_params: PoolingParams | list[PoolingParams] | None = None,
+                       ) -> list[ClassificationRequestOutput]:
+        """``LLM.classify`` from asyncio: the prompts join the engine's packed prefill steps
+        together with other callers' prompts; cancelling the call aborts them.
+
+        Raises:
+            ValueError: bad prompts or parameters, or not a classifier (nothing was queued).
+            RequestFailedError: the engine failed one of the requests.
+            EngineDeadError: the engine core is gone.
+        """
+        return await run_pooling_async(self, "classify", prompts, pooling_params)
+
+    async def embed(self, prompts: PromptType | list[PromptType],
+                    pooling_params: PoolingParams | list[PoolingParams] | None = None,
+                    ) -> list[EmbeddingRequestOutput]:
+        """``LLM.embed`` from asyncio; raises as ``classify``."""
+        return await run_pooling_async(self, "embed", prompts, pooling_params)
+
+    async def score(self, text_1: PromptType | list[PromptType], text_2: PromptType | list[PromptType],
+                    pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+        """``LLM.score`` from asyncio; raises as ``classify``."""
+        return await run_score_async(self, text_1, text_2, pooling_params)

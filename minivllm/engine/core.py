@@ -21,6 +21,7 @@ from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.scheduler_output import SchedulerOutput
 from minivllm.executor.base import Executor, StepFuture
 from minivllm.executor.uniproc import UniProcExecutor
+from minivllm.pooling.engine import check_task, finish_pooled
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class EngineCore:
                            max_model_len)
         self.scheduler_config = SchedulerConfig(sched.max_num_seqs, sched.max_num_batched_tokens,
                                                 max_model_len)
+        # Pooling models never decode: no decode graphs to capture.
         self.executor.initialize(num_blocks, cache.block_size, sched.max_num_seqs,
-                                 sched.max_num_batched_tokens, max_model_len, config.enforce_eager)
+                                 sched.max_num_batched_tokens, max_model_len,
+                                 config.enforce_eager or config.task != "generate")
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.async_scheduling = config.async_scheduling
         self.kv_cache_dtype = config.kv_cache_dtype
+        self.task = config.task
         self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
         self.startup_s = time.perf_counter() - start
         kv_dtype = config.dtype if config.kv_cache_dtype == "auto" else "fp8 e4m3"
@@ -64,14 +68,15 @@ class EngineCore:
         """Unfinished requests by id."""
         return self.scheduler.requests
 
-    def check_request(self, num_prompt_tokens: int) -> None:
+    def check_request(self, num_prompt_tokens: int, pooling: bool = False) -> None:
         """Raise ValueError if a prompt of this length can never be served."""
-        self.scheduler.check_fits(num_prompt_tokens)
+        self.scheduler.check_fits(num_prompt_tokens, pooling)
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        self.check_request(req.num_prompt_tokens)
+        check_task(self.task, req.pooling_params is not None)
+        self.check_request(req.num_prompt_tokens, req.pooling_params is not None)
         self.scheduler.add_request(req)
 
     def abort_requests(self, request_ids: list[str], reason: str = "abort") -> None:
@@ -127,14 +132,17 @@ class EngineCore:
             token = output.token_ids[i]
             finish, stop_reason = self._check_stop(req, token)
             lps, slp = output.logprobs[i], output.sampled_logprobs[i]
+            rank = output.sampled_ranks[i] if output.sampled_ranks is not None else None
             result.outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lps] if lps is not None else None,
                 new_sampled_logprobs=[slp] if slp is not None else None,
+                new_sampled_ranks=[rank] if rank is not None else None,
                 finish_reason=finish, stop_reason=stop_reason,
                 num_cached_tokens=req.num_cached_tokens))
             if finish is not None:
                 self.scheduler.finish(req, finish, stop_reason)
+        finish_pooled(self.scheduler, output, result)
 
     def _check_stop(self, req: Request, token: int) -> tuple[str | None, int | None]:
         p = req.params

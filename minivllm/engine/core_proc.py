@@ -27,6 +27,7 @@ from minivllm.config import EngineConfig
 from minivllm.engine.core import EngineCore
 from minivllm.engine.request import Request
 from minivllm.engine.serialization import outputs_to_wire, pack, params_from_wire, unpack
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SEED_MAX, SEED_MIN, is_int
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def request_from_wire(r: Any, vocab_size: int) -> Request:
         raise ValueError("seed is out of range")
     return Request(request_id=rid, prompt_token_ids=ids, params=params_from_wire(r["params"]),
                    arrival_time=float(r["arrival_time"]),
-                   eos_token_ids=frozenset(int(t) for t in r["eos_token_ids"]), seed=seed)
+                   eos_token_ids=frozenset(int(t) for t in r["eos_token_ids"]), seed=seed,
+                   pooling_params=PoolingParams.from_wire(r.get("pooling_params")))
 
 
 def add_requests(core: EngineCore, wire_requests: Any, vocab_size: int) -> list[dict[str, Any]]:

@@ -22,7 +22,9 @@ class Frontend:
 def build_frontend(config: EngineConfig) -> Frontend:
     """Tokenizer (None for tokenizer-less dummy models or ``skip_tokenizer_init``), the EOS ids
     of the model's configs and tokenizer, and fresh processors."""
-    tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_dir)
+    tokenizer = None
+    if not config.skip_tokenizer_init:
+        tokenizer = load_tokenizer(config.tokenizer_dir or config.model_dir, config.trust_remote_code)
     eos = set(config.arch.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

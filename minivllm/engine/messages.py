@@ -13,12 +13,15 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]] | None = None
     new_sampled_logprobs: list[float] | None = None
+    new_sampled_ranks: list[int] | None = None  # rank of each new token among its step's logprobs
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     # Set with finish_reason "error": the step that ran this request failed in a way that
     # concerns only the requests in it; the engine goes on.
     error: str | None = None
+    # A pooling request's result (class scores or embedding), with finish_reason "stop".
+    pooled: list[float] | None = None
 
 
 @dataclass

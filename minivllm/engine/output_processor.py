@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.engine.input_processor import ProcessedPrompt, child_request_id
 from minivllm.engine.messages import EngineCoreOutput
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class _SequenceState:
     token_ids: list[int] = field(default_factory=list)
     num_sent_tokens: int = 0  # for delta outputs: what earlier outputs already carried
     num_sent_chars: int = 0
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -53,6 +53,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
+        # Token id → its text in logprobs: a top-20 request decodes 21 ids per token, mostly
+        # the same few; bounded by the vocabulary size.
+        self._token_text: dict[int, str] = {}
 
     def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                     arrival_time: float, output_kind: str = "final") -> None:
@@ -119,7 +122,9 @@ class OutputProcessor:
             state.metrics.first_token_time = now
         seq.token_ids.extend(out.new_token_ids)
         if seq.logprobs is not None and out.new_logprobs:
-            seq.logprobs.extend(out.new_logprobs)
+            ranks = out.new_sampled_ranks or [None] * len(out.new_logprobs)
+            for tid, step, rank in zip(out.new_token_ids, out.new_logprobs, ranks):
+                seq.logprobs.append(self._logprobs(step, tid, rank))
             seq.cumulative_logprob += sum(out.new_sampled_logprobs or [])
         past_min = len(seq.token_ids) >= state.params.min_tokens
         stop = seq.detok.add_tokens(out.new_token_ids, check_stop=past_min)
@@ -132,6 +137,27 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is not None:
             self._child_to_parent.pop(out.request_id, None)
+
+    def _logprobs(self, step: dict[int, float], sampled_id: int,
+                  sampled_rank: int | None) -> dict[int, Logprob]:
+        """One step's ``{token id: logprob}`` from the core → ``{token id: Logprob}``.
+
+        The core lists the top-N tokens most likely first, then the sampled token when it is
+        not among them; the sampled token's rank comes from the core (it may be beyond N).
+        """
+        entry = {}
+        for position, (tid, lp) in enumerate(step.items()):
+            rank = sampled_rank if tid == sampled_id else position + 1
+            entry[tid] = Logprob(lp, rank, self._decode_token(tid))
+        return entry
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _fail(self, state: _RequestState, message: str, to_abort: list[str],
               failed_child: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 
 
@@ -45,6 +46,8 @@ class Request:
     # in ``output_token_ids``. Overlapped scheduling keeps at most one per request.
     num_placeholders: int = 0
     num_blocks_sent: int = 0  # leading ``block_ids`` the model runner already has
+    # Set for classify/embed requests: prefill only, the pooled hidden state is the output.
+    pooling_params: PoolingParams | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,8 +23,14 @@ from minivllm.engine.scheduler_output import (TOKEN_FROM_DEVICE, ModelRunnerOutp
                                               SchedulerOutput)
 
 
-def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
-    """Raise ValueError when a prompt leaves no room for one generated token."""
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int, pooling: bool = False) -> None:
+    """Raise ValueError when a prompt leaves no room for one generated token (for a pooling
+    request, which generates none: when it is longer than ``max_model_len``)."""
+    if pooling:
+        if num_prompt_tokens > max_model_len:
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len} "
+                             "(truncate_prompt_tokens truncates it)")
+        return
     if num_prompt_tokens >= max_model_len:
         raise ValueError(
             f"prompt has {num_prompt_tokens} tokens, but max_model_len is {max_model_len} "
@@ -55,12 +61,13 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def check_fits(self, num_prompt_tokens: int) -> None:
+    def check_fits(self, num_prompt_tokens: int, pooling: bool = False) -> None:
         """Raise ValueError when a prompt can never run: too long, or more blocks than exist."""
-        check_prompt_fits(num_prompt_tokens, self.config.max_model_len)
-        if self.kv.blocks_needed(num_prompt_tokens + 1) > self.kv.num_blocks:
+        check_prompt_fits(num_prompt_tokens, self.config.max_model_len, pooling)
+        num_tokens = num_prompt_tokens + (0 if pooling else 1)
+        if self.kv.blocks_needed(num_tokens) > self.kv.num_blocks:
             raise ValueError(
-                f"prompt needs {self.kv.blocks_needed(num_prompt_tokens + 1)} KV blocks but the cache "
+                f"prompt needs {self.kv.blocks_needed(num_tokens)} KV blocks but the cache "
                 f"only has {self.kv.num_blocks}")
 
     @property
@@ -99,7 +106,10 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_placeholders:
                 break  # preempted with a token in flight: resume once it has arrived
-            cached = self.kv.find_cached_prefix(req)
+            # Mean pooling needs every token's hidden state: a cached prefix would skip some.
+            pooling = req.pooling_params
+            cached = ([] if pooling is not None and pooling.pooling_type == "mean"
+                      else self.kv.find_cached_prefix(req))
             num_cached_tokens = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_cached_tokens, budget)
             if not self.kv.allocate(req, num_new, cached):
@@ -135,7 +145,8 @@ class Scheduler:
             if is_new:
                 out.new_requests.append(NewRequestData(
                     req.request_id, req.prompt_token_ids, list(req.output_token_ids),
-                    list(req.block_ids), req.params, req.seed, tuple(sorted(req.eos_token_ids))))
+                    list(req.block_ids), req.params, req.seed, tuple(sorted(req.eos_token_ids)),
+                    req.pooling_params))
             elif len(req.block_ids) > req.num_blocks_sent:
                 out.new_block_ids[req.request_id] = req.block_ids[req.num_blocks_sent:]
             req.num_blocks_sent = len(req.block_ids)
@@ -155,8 +166,11 @@ class Scheduler:
                 out.num_prefill_tokens += n
             req.num_computed_tokens = start + n
             if req.num_computed_tokens == req.num_tokens:
-                out.sampling_rows.append(row)
-                req.num_placeholders += 1
+                if req.pooling_params is not None:
+                    out.pooling_rows.append(row)  # no token: the step's output finishes it
+                else:
+                    out.sampling_rows.append(row)
+                    req.num_placeholders += 1
         return out
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

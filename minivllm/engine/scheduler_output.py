@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minivllm.pooling_params import PoolingParams
 from minivllm.sampling_params import SamplingParams
 
 # In ``SchedulerOutput.token_ids``: this input token was sampled by the previous step and is
@@ -28,6 +29,7 @@ class NewRequestData:
     params: SamplingParams
     seed: int | None
     eos_token_ids: tuple[int, ...]
+    pooling_params: PoolingParams | None = None  # a pooling request (prefill only)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class SchedulerOutput:
     token_ids: list[int] = field(default_factory=list)
     # Batch indices of the rows whose chunk ends their sequence: they sample a token.
     sampling_rows: list[int] = field(default_factory=list)
+    # Batch indices of the pooling requests whose chunk ends their prompt: they are pooled.
+    pooling_rows: list[int] = field(default_factory=list)
     # Counters for progress bars and metrics (not needed by the runner).
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
@@ -67,3 +71,8 @@ class ModelRunnerOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
     sampled_logprobs: list[float | None]
+    # 1-based rank of each sampled token among its step's logprobs (None: not asked for).
+    sampled_ranks: list[int | None] | None = None
+    # Pooling requests finished by this step, and each one's pooled output (see pooling/).
+    pooled_req_ids: list[str] = field(default_factory=list)
+    pooled: list[list[float]] = field(default_factory=list)

@@ -6,44 +6,17 @@ import argparse
 import sys
 import time
 
+from minivllm import __version__
+from minivllm.engine_args import EngineArgs
 from minivllm.entrypoints.openai.settings import ServerSettings
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF dir, .gguf file, or config dir with --load-format dummy "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over this many devices (worker processes)")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepare step N+1 while step N runs (default: on for CUDA)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step (default: 8192 on CUDA, 256 on CPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    """The engine arguments of ``LLM`` / ``AsyncLLM`` from the shared flags."""
-    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
-                max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                enforce_eager=args.enforce_eager, seed=args.seed,
-                tensor_parallel_size=args.tensor_parallel_size,
-                async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                gpu_memory_utilization=args.gpu_memory_utilization)
+from minivllm.entrypoints.worker import add_worker_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
     from minivllm import LLM, SamplingParams
 
-    llm = LLM(args.model, **_engine_kwargs(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    llm = LLM(engine_args.model, **engine_args.engine_kwargs())
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.sampling_seed)
     chat = args.chat
@@ -118,7 +91,9 @@ def _serve(args: argparse.Namespace) -> int:
         settings = replace(settings, api_key=os.environ["MINIVLLM_API_KEY"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit(settings.max_open_connections)
-    engine = AsyncLLM(args.model, heartbeat_timeout_s=args.heartbeat_timeout, **_engine_kwargs(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = AsyncLLM(engine_args.model, heartbeat_timeout_s=args.heartbeat_timeout,
+                      **engine_args.engine_kwargs())
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     try:
         return asyncio.run(serve(engine, name, args.host, args.port, settings))
@@ -166,10 +141,11 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minivllm", description="A compact vLLM-style LLM runtime.")
+    parser.add_argument("--version", action="version", version=f"minivllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     g.add_argument("prompt")
-    _add_engine_args(g)
+    EngineArgs.add_cli_args(g)
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -178,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt in the chat template (default: on when the model has one)")
     g.set_defaults(func=_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    _add_engine_args(s)
+    EngineArgs.add_cli_args(s)
     _add_serve_args(s)
     s.set_defaults(func=_serve)
+    add_worker_parser(sub)
     return parser
 
 

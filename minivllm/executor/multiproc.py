@@ -1,4 +1,6 @@
-"""N tensor-parallel model runners: rank 0 in the engine core's process, ranks 1..N-1 spawned.
+"""N tensor-parallel model runners: rank 0 in the engine core's process, ranks 1..N-1 spawned
+(or, across hosts, started there by ``minivllm worker``: ``NNODES``/``MASTER_ADDR``/``MASTER_PORT``
+in the environment, see :mod:`minivllm.distributed.nodes`).
 
 Every step is sent, unchanged (``SchedulerOutput`` is plain data), to every rank through the
 :class:`~minivllm.distributed.WorkerGroup` control channel; each rank runs its model shard over
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 
 from minivllm.config import EngineConfig
+from minivllm.distributed.nodes import NodeLayout
 from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.distributed.worker_group import WorkerGroup
 from minivllm.distributed.worker_proc import WorkerContext
@@ -59,27 +62,34 @@ def _execute(ctx: WorkerContext, step: SchedulerOutput):
 
 
 class MultiprocExecutor(Executor):
-    """Tensor parallelism over ``config.tensor_parallel_size`` ranks of one host.
+    """Tensor parallelism over ``config.tensor_parallel_size`` ranks, on this host or split
+    evenly over ``nodes`` (default: from the environment, :meth:`NodeLayout.from_env`).
 
     Raises (from the constructor):
         ValueError: the model does not split over that many ranks.
         WorkerError: a worker failed to start or to build its runner.
     """
 
-    def __init__(self, config: EngineConfig, *, worker_num_threads: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, worker_num_threads: int | None = None,
+                 nodes: NodeLayout | None = None) -> None:
         tp_size = config.tensor_parallel_size
         check_tensor_parallel(config.arch, tp_size)
+        nodes = nodes or NodeLayout.from_env()
+        local_size = tp_size if nodes is None else nodes.ranks_per_node(tp_size)
         if config.device.type == "cuda":
             import torch
 
-            if torch.cuda.device_count() < tp_size:
-                raise ValueError(f"tensor_parallel_size {tp_size} needs {tp_size} CUDA devices, "
-                                 f"{torch.cuda.device_count()} visible")
+            if torch.cuda.device_count() < local_size:
+                raise ValueError(f"tensor_parallel_size {tp_size} needs {local_size} CUDA devices "
+                                 f"on this host, {torch.cuda.device_count()} visible")
         if worker_num_threads is None and config.device.type == "cpu":
             # CPU ranks share the host's cores: do not let each of them claim all of them.
-            worker_num_threads = max(1, (os.cpu_count() or 1) // tp_size)
+            worker_num_threads = max(1, (os.cpu_count() or 1) // local_size)
+        # Other hosts may be started after this one: give them time to join.
+        startup_timeout_s = 60.0 if nodes is None else 600.0
         self.workers = WorkerGroup(tp_size, device_type=config.device.type,
-                                   worker_num_threads=worker_num_threads)
+                                   worker_num_threads=worker_num_threads, nodes=nodes,
+                                   startup_timeout_s=startup_timeout_s)
         self.workers.start()
         try:
             backends = self.workers.execute(_build_runner, config)

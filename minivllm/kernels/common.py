@@ -34,6 +34,25 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
+def _supports_pdl(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later).
+
+    With ``launch_pdl`` a kernel may start while the previous kernel in the stream finishes
+    (its launch and its first weight loads overlap that kernel's tail); the kernel's
+    ``USE_PDL`` branch waits (``gdc_wait``) before touching any memory the previous kernel
+    may write or read, and signals (``gdc_launch_dependents``) that the next may start.
+    Elsewhere (CPU interpreter, older GPUs) both are off.
+    """
+    if _supports_pdl(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Raise ``ValueError`` unless the caches have the layout the kernels assume."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:

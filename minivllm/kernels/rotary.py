@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from minivllm.kernels.common import (NO_FP_FUSION, cdiv, check_kernel_tensor,
-                                     elementwise_num_warps, next_pow2)
+                                     elementwise_num_warps, next_pow2, pdl_options)
 
 
 # Decode-sized launches get one head per program (more programs in flight, lower latency);
@@ -67,7 +67,11 @@ def _rotary_kernel(
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cache_pos, q_eps, k_eps,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, APPLY_NORM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early (see pdl_options): wait for the qkv projection's output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     # Grid: (token, head block); the first ceil(Hq / BLOCK_H) head blocks are q's, the rest k's.
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
@@ -166,6 +170,6 @@ def rotary_embedding(
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim,
         HALF_PAD=half_pad, BLOCK_H=block_h, APPLY_NORM=apply_norm,
         num_warps=elementwise_num_warps(2 * block_h * half_pad),
-        **NO_FP_FUSION,
+        **NO_FP_FUSION, **pdl_options(q.device),
     )
     return q_out, k_out

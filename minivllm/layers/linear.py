@@ -5,8 +5,8 @@ row-parallel layer after it splits its input features the same way, so each rank
 partial sum and one all-reduce completes it. An attention block and an MLP each cost one
 all-reduce.
 
-With ``tp_group=None`` (or a group of one) every layer is exactly ``F.linear`` on the full
-weight, the same call ``nn.Linear`` makes, so TP=1 outputs are bit-identical and pay nothing.
+With ``tp_group=None`` (or a group of one) every layer is one ``dense_linear`` on the full
+weight (``F.linear``, or the batch-1 GEMV kernel on CUDA), so TP=1 pays nothing.
 Parameter names stay ``weight``/``bias`` so checkpoints and the GGUF conversion map unchanged.
 """
 
@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import divide, first_kv_head, kv_heads_per_rank
+from minivllm.layers.dense import dense_linear, silu_and_mul_linear, uses_gemv
+from minivllm.layers.norm import RMSNorm
 from minivllm.layers.weight_loading import (WeightSource, check_shape, copy_replicated,
                                             read_range)
 
@@ -73,7 +74,24 @@ class MergedColumnParallelLinear(nn.Module):
         return cls(in_features, parts, bias, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
+
+    def forward_with_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x + residual)), x + residual)``: a block's pre-norm and this layer.
+
+        Without ``residual`` (the first block) the norm is of ``x``, which is returned as the
+        residual stream. At batch-1 decode on CUDA the norm runs inside the GEMV kernel: one
+        launch instead of two, and the normalised row never goes through memory.
+        """
+        if uses_gemv(x, self.weight) and norm.weight.dtype == x.dtype:
+            from minivllm.kernels.gemv import rms_norm_gemv  # only the CUDA path needs triton
+
+            return rms_norm_gemv(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
 
     # ---- loading -------------------------------------------------------------------------
     def full_shape(self, param_name: str) -> tuple[int, ...]:
@@ -148,10 +166,19 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_act: str | None = None) -> torch.Tensor:
+        """``input_act="silu_and_mul"``: ``x`` is ``cat(gate, up)`` and the layer applies
+        ``silu(gate) * up`` first, fused into the matmul where the kernel allows (batch-1
+        decode on CUDA), so the activation never goes through memory."""
+        if input_act is None:
+            matmul = dense_linear
+        elif input_act == "silu_and_mul":
+            matmul = silu_and_mul_linear
+        else:
+            raise ValueError(f"unknown input_act {input_act!r}")
         if self.tp is None:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return matmul(x, self.weight, self.bias)
+        out = self.tp.all_reduce(matmul(x, self.weight))
         return out if self.bias is None else out + self.bias
 
     def full_shape(self, param_name: str) -> tuple[int, ...]:

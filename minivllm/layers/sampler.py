@@ -47,6 +47,8 @@ class SamplerOutput:
     sampled_logprobs: torch.Tensor | None  # float32 [B]: raw logprob of the sampled token
     topk_logprobs: torch.Tensor | None  # float32 [B, N]
     topk_token_ids: torch.Tensor | None  # int64 [B, N]
+    # int64 [B]: the sampled token's 1-based rank among the raw logprobs (1 = most likely).
+    sampled_ranks: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -125,8 +127,10 @@ class Sampler:
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         sampled_lp = raw_logprobs.gather(-1, sampled[:, None]).squeeze(-1)
+        # Tokens at least as likely as the sampled one, itself included (vLLM's rank).
+        sampled_rank = (raw_logprobs >= sampled_lp[:, None]).sum(dim=-1)
         if md.max_num_logprobs > 0:
             top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)
         else:
             top_lp = top_ids = None
-        return SamplerOutput(sampled, sampled_lp, top_lp, top_ids)
+        return SamplerOutput(sampled, sampled_lp, top_lp, top_ids, sampled_rank)

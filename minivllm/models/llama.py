@@ -21,7 +21,6 @@ from minivllm.attention.metadata import AttentionMetadata
 from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.sharding import check_tensor_parallel
-from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import PagedAttention
 from minivllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
@@ -58,7 +57,11 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.attend(positions, self.qkv_proj(x), kv_cache, meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the qkv projection: norms, rotary, paged attention, ``o_proj``."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -78,10 +81,10 @@ class GatedMLP(nn.Module):
             hidden_size, [intermediate_size] * 2, bias=False, tp_group=tp_group)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False,
                                            tp_group=tp_group)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # The activation runs inside down_proj: fused into its matmul at batch-1 decode.
+        return self.down_proj(self.gate_up_proj(x), input_act="silu_and_mul")
 
 
 class DecoderLayer(nn.Module):
@@ -96,14 +99,14 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group)
 
     def forward(self, positions, x, residual, kv_cache, meta):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each pre-norm (with the residual add before it) runs folded into the projection
+        # after it; see MergedColumnParallelLinear.forward_with_norm.
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.forward_with_norm(x, residual, self.input_layernorm)
+        x = attn.attend(positions, qkv, kv_cache, meta)
+        gate_up, residual = mlp.gate_up_proj.forward_with_norm(x, residual,
+                                                                self.post_attention_layernorm)
+        return mlp.down_proj(gate_up, input_act="silu_and_mul"), residual
 
 
 # HF checkpoint name fragment → (our fused parameter, shard index).
@@ -122,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias_default = False
     qk_norm = False
+    has_lm_head = True  # pooling variants (models/pooling.py) drop it
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int,
                  tp_group: TensorParallelGroup | None = None) -> None:
@@ -138,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group)
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
+        self.lm_head = None if cfg.tie_word_embeddings or not self.has_lm_head else ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, tp_group)
         # Shared by all layers; registered once here so .to() moves it.
         self.rotary = rotary

@@ -16,6 +16,7 @@ from minivllm.distributed.sharding import kv_cache_heads_per_rank
 from minivllm.engine.scheduler_output import SchedulerOutput
 from minivllm.layers.sampler import Sampler, SamplingMetadata
 from minivllm.models.loader import load_model
+from minivllm.pooling.pooler import Pooler
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import InputBatch, PreviousSample
 from minivllm.runner.step_handle import StepHandle
@@ -54,6 +55,7 @@ class ModelRunner:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
+        self.pooler = Pooler(self.model)  # classify/embed requests (idle for generative models)
         self.max_position = max_position
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
@@ -208,6 +210,7 @@ class ModelRunner:
             batch.add(new)
         for rid, block_ids in step.new_block_ids.items():
             batch.append_blocks(rid, block_ids)
+        self.pooler.update(step)
         if step.is_empty:
             return StepHandle.empty()
         inputs = batch.prepare(step, self.prev_sample)
@@ -219,6 +222,10 @@ class ModelRunner:
             hidden = self.decode_graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        pooled = self.pooler.pool(step, inputs.meta, hidden) if self.pooler.active else None
+        if pooled is not None:  # classify/embed engines: no request samples
+            self.prev_sample = None
+            return pooled.attach(StepHandle.empty())
         if not len(inputs.sample_rows):
             self.prev_sample = None
             return StepHandle.empty()

@@ -20,7 +20,7 @@ class StepHandle:
         if out is None:
             return
         tensors = (out.sampled_token_ids, out.sampled_logprobs, out.topk_token_ids,
-                   out.topk_logprobs)
+                   out.topk_logprobs, out.sampled_ranks)
         if device.type == "cuda":
             self._host = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
             self._event = torch.cuda.Event()
@@ -38,20 +38,23 @@ class StepHandle:
             return ModelRunnerOutput([], [], [], [])
         if self._event is not None:
             self._event.synchronize()
-        ids_t, lp_t, top_ids_t, top_lp_t = self._host
+        ids_t, lp_t, top_ids_t, top_lp_t, rank_t = self._host
         token_ids = ids_t.tolist()
         n = len(token_ids)
         logprobs: list[dict[int, float] | None] = [None] * n
         sampled_lp: list[float | None] = [None] * n
+        sampled_ranks: list[int | None] = [None] * n
         if lp_t is not None:
             sampled = lp_t.tolist()
+            ranks = rank_t.tolist() if rank_t is not None else [None] * n
             top_ids = top_ids_t.tolist() if top_ids_t is not None else None
             top_lp = top_lp_t.tolist() if top_lp_t is not None else None
             for i, k in enumerate(self.num_logprobs):
                 if k < 0:
                     continue
                 sampled_lp[i] = sampled[i]
+                sampled_ranks[i] = ranks[i]
                 entry = dict(zip(top_ids[i][:k], top_lp[i][:k])) if k and top_ids else {}
                 entry[token_ids[i]] = sampled[i]
                 logprobs[i] = entry
-        return ModelRunnerOutput(self.req_ids, token_ids, logprobs, sampled_lp)
+        return ModelRunnerOutput(self.req_ids, token_ids, logprobs, sampled_lp, sampled_ranks)

@@ -102,7 +102,8 @@ def test_logprobs_match_reference_log_softmax(tiny_llm, hf_tiny_models):
         top = row.topk(5)
         assert set(top.indices.tolist()) <= set(lp)
         for t, v in lp.items():
-            assert abs(v - row[t].item()) < 1e-4
+            assert abs(v.logprob - row[t].item()) < 1e-4
+            assert v.rank == 1 + int((row > row[t]).sum())  # 1-based rank in the vocabulary
         total += row[tok].item()
     assert out.cumulative_logprob == pytest.approx(total, abs=1e-3)
 

@@ -55,10 +55,11 @@ def _compare(ref_outs, test_outs) -> tuple[int, int]:
             common = set(r_lp) & set(t_lp)
             assert common, f"step {step}: no common top tokens"
             for tok in common:
-                assert abs(r_lp[tok] - t_lp[tok]) < LOGPROB_TOL, (step, tok, r_lp[tok], t_lp[tok])
+                r_v, t_v = r_lp[tok].logprob, t_lp[tok].logprob
+                assert abs(r_v - t_v) < LOGPROB_TOL, (step, tok, r_v, t_v)
             if a != b:
                 # Only a near tie may flip the choice; after that the contexts differ.
-                assert b in r_lp and r_lp[a] - r_lp[b] < TIE_GAP, (step, r_lp, t_lp)
+                assert b in r_lp and r_lp[a].logprob - r_lp[b].logprob < TIE_GAP, (step, r_lp, t_lp)
                 break
             same += 1
     return same, total

@@ -53,7 +53,7 @@ def test_gpu_engine_logprobs_close_to_hf_float32(shared_weights):
         for step, (tok, lps) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
             pos = len(prompt) - 1 + step
             top = list(lps)
-            ours_err.append(max(abs(lps[t] - ref[pos, t].item()) for t in top))
+            ours_err.append(max(abs(lps[t].logprob - ref[pos, t].item()) for t in top))
             hf16_err.append(max(abs(bf16[pos, t].item() - ref[pos, t].item()) for t in top))
             flips += int(ref[pos].argmax().item() != tok)
             hf16_flips += int(ref[pos].argmax().item() != bf16[pos].argmax().item())

@@ -4,6 +4,7 @@
     GET  /v1/models /version /metrics
     POST /v1/completions /v1/chat/completions   (SSE with "stream": true)
     POST /tokenize /detokenize
+    POST /v1/embeddings /classify               (pooling models: see pooling.py)
 
 Request bodies are read and validated by the handlers themselves (``protocol.parse_request``)
 rather than by FastAPI's parameter injection, so that the size limit, the read deadline and
@@ -24,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 import minivllm
 from minivllm.engine.core_client import EngineDeadError
 from minivllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from minivllm.entrypoints.openai.pooling import register_pooling_routes
 from minivllm.entrypoints.openai.middleware import RequestGuard
 from minivllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
@@ -134,6 +136,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics) -> FastAPI:
         serving.check_model(req.model)
         return json_response({"prompt": await serving.prompts.decode(req.tokens)})
 
+    register_pooling_routes(app, serving)
     app.add_middleware(RequestGuard, settings=settings, is_draining=lambda: serving.draining)
     if settings.allowed_origins:
         # Outermost, so that preflights and every error response carry the CORS headers.

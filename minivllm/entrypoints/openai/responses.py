@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
@@ -24,14 +24,16 @@ def token_str(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _value(lp: Any) -> float:
-    # A float today; a vLLM-style ``Logprob`` object (``.logprob``) works the same.
-    return float(getattr(lp, "logprob", lp))
+def _token(tokenizer: Any, token_id: int, lp: Logprob | None) -> str:
+    # The engine decoded the token already (same ``decode([id])`` as token_str).
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return token_str(tokenizer, token_id)
 
 
-def _ranked(step: dict[int, Any]) -> list[tuple[int, float]]:
-    """One step's (token id, logprob) pairs, most likely first."""
-    return sorted(((t, _value(lp)) for t, lp in step.items()), key=lambda x: -x[1])
+def _ranked(step: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
+    """One step's (token id, Logprob) pairs, most likely first."""
+    return sorted(step.items(), key=lambda x: -x[1].logprob)
 
 
 def completion_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] | None:
@@ -40,18 +42,20 @@ def completion_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] |
         return None
     tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
     for tid, step in zip(c.token_ids, c.logprobs):
-        s = token_str(tokenizer, tid)
+        sampled = step.get(tid)
+        s = _token(tokenizer, tid, sampled)
         tokens.append(s)
-        token_lps.append(_value(step[tid]) if tid in step else None)
-        tops.append({token_str(tokenizer, t): lp for t, lp in _ranked(step)})
+        token_lps.append(sampled.logprob if sampled is not None else None)
+        tops.append({_token(tokenizer, t, lp): lp.logprob for t, lp in _ranked(step)})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_entry(tokenizer: Any, token_id: int, logprob: float | None) -> dict[str, Any]:
-    s = token_str(tokenizer, token_id)
-    return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", errors="replace"))}
+def _chat_entry(tokenizer: Any, token_id: int, lp: Logprob | None) -> dict[str, Any]:
+    s = _token(tokenizer, token_id, lp)
+    return {"token": s, "logprob": lp.logprob if lp is not None else None,
+            "bytes": list(s.encode("utf-8", errors="replace"))}
 
 
 def chat_logprobs(c: CompletionOutput, tokenizer: Any, num_top: int) -> dict[str, Any] | None:
@@ -64,7 +68,7 @@ def chat_logprobs(c: CompletionOutput, tokenizer: Any, num_top: int) -> dict[str
         return None
     content = []
     for tid, step in zip(c.token_ids, c.logprobs):
-        entry = _chat_entry(tokenizer, tid, _value(step[tid]) if tid in step else None)
+        entry = _chat_entry(tokenizer, tid, step.get(tid))
         entry["top_logprobs"] = [_chat_entry(tokenizer, t, lp) for t, lp in _ranked(step)[:num_top]]
         content.append(entry)
     return {"content": content}

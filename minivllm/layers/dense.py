@@ -1,0 +1,48 @@
+"""The dense (unquantised) matmul every linear layer ends in: ``x @ W.T + b``.
+
+One row on CUDA — batch-1 decode, where the matmul is a weight read — takes the Triton GEMV
+(:mod:`minivllm.kernels.gemv`), which keeps more bytes in flight than cuBLAS's kernels for
+these shapes; everything else is ``F.linear``. Outputs agree to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minivllm.layers.norm import fused_kernels_apply
+
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`dense_linear` takes the GEMV kernel for these operands."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in _GEMV_DTYPES
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(-1) == 1
+            and fused_kernels_apply(x))
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, by the GEMV kernel for a single CUDA row."""
+    if uses_gemv(x, weight):
+        from minivllm.kernels.gemv import gemv  # only the CUDA path needs triton
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``dense_linear(silu(gate) * up, weight, bias)`` for ``x = cat(gate, up)``.
+
+    On the GEMV path the activation is computed inside the matmul (one kernel, and the
+    activation never goes through memory); otherwise the activation kernel runs first.
+    """
+    if uses_gemv(x, weight):
+        from minivllm.kernels.gemv import gemv
+
+        return gemv(x, weight, bias, act="silu_and_mul")
+    from minivllm.layers.activation import silu_and_mul
+
+    return dense_linear(silu_and_mul(x), weight, bias)
