@@ -42,7 +42,7 @@ def test_fp8_smollm_close_to_float32(smollm_dir, hf_smol, caplog):
             ref = hf_smol(ids).logits[0].float().log_softmax(-1)
         for step, (tok, lps) in enumerate(zip(tokens, out.outputs[0].logprobs)):
             pos = len(out.prompt_token_ids) - 1 + step
-            errors += [abs(lp - ref[pos, t].item()) for t, lp in lps.items()]
+            errors += [abs(lp.logprob - ref[pos, t].item()) for t, lp in lps.items()]
             flips += int(ref[pos].argmax().item() != tok)
     mean = sum(errors) / len(errors)
     print(f"fp8 KV vs float32: mean |dlogprob| {mean:.4f} max {max(errors):.4f}; "

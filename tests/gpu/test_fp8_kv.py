@@ -179,7 +179,7 @@ def _engine_error(path, hf32, prompts, **kw):
             ref = hf32(ids).logits[0].float().log_softmax(-1)
         for step, (tok, lps) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
             pos = len(prompt) - 1 + step
-            errs += [abs(lp - ref[pos, t].item()) for t, lp in lps.items()]
+            errs += [abs(lp.logprob - ref[pos, t].item()) for t, lp in lps.items()]
             flips += int(ref[pos].argmax().item() != tok)
     runner = llm.engine.executor.runner
     fp8 = runner.kv_caches[0].k_scale is not None
