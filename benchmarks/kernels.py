@@ -10,6 +10,8 @@ Sections (all in one process, so one GPU lease covers them):
   2. device-to-device copy bandwidth (bytes read + written), the decode roofline.
   3. decode: KV bytes read / time over batch x context, vs copy bandwidth and vs SDPA on the
      same data laid out contiguously ([B, Hkv, L, D]; the GQA group is SDPA's query length).
+  3b. the same decode shapes over an FP8 (e4m3) cache: 1 byte per element, dequantised in
+     registers; as a fraction of copy bandwidth and as time relative to the bf16 cache.
   4. prefill (causal, one request): TFLOP/s (2 * N^2 * D * H, the usual causal count) vs SDPA.
   5. optional (--tune): launch-config variants on representative shapes.
 Writes kernels-<device>-<date>.json and .md under --out; prints the summary table last.
@@ -37,6 +39,7 @@ from minivllm.kernels.paged_decode import (DEFAULT_DECODE_CONFIG, DecodeConfig,
 from minivllm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
 from minivllm.kernels.testing import (REL_TOL, make_paged_batch, reference_output,
                                       relative_error)
+from minivllm.attention.kv_cache import quantize_fp8
 from minivllm.attention.torch_ref import TorchReferenceBackend
 from minivllm.attention.triton_backend import TritonAttentionBackend
 
@@ -250,12 +253,22 @@ def contiguous_kv(pool: torch.Tensor, tables: torch.Tensor, ctx: int) -> torch.T
 
 
 def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
-                 configs=(DEFAULT_DECODE_CONFIG,), with_sdpa=True) -> list[dict]:
+                 configs=(DEFAULT_DECODE_CONFIG,), with_sdpa=True,
+                 kv_fp8: bool = False) -> list[dict]:
+    """``kv_fp8``: the cache in float8 e4m3 (1 byte per element, bf16 queries), bytes counted
+    as stored; its ``vs_bf16_rel_err`` compares with the same pool read in bf16."""
     num_heads, hkv = heads
     group = num_heads // hkv
     dtype = torch.float32 if smoke else torch.bfloat16
     pool_blocks = max(b * cdiv(c, bs) for b, c in shapes)
     k_pool, v_pool = make_pool(pool_blocks, bs, hkv, dim, dtype, device)
+    scales = {}
+    if kv_fp8:
+        scales = dict(k_scale=torch.tensor([0.02], device=device),
+                      v_scale=torch.tensor([0.01], device=device))
+        k_exact, v_exact = k_pool, v_pool
+        k_pool = quantize_fp8(k_pool, scales["k_scale"])
+        v_pool = quantize_fp8(v_pool, scales["v_scale"])
     scale = dim ** -0.5
     rows = []
     for batch, ctx in shapes:
@@ -271,7 +284,7 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
         for cfg in configs:
             def run(cfg=cfg):
                 paged_decode_attention(q, k_pool, v_pool, out, seq_lens, qsl, tables, ctx, scale,
-                                       config=cfg)
+                                       config=cfg, **scales)
             key = "triton" if len(configs) == 1 else cfg_name(cfg)
             try:
                 ms = time_ms(run, smoke)
@@ -283,6 +296,11 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
             row["splits"] = choose_num_splits(batch, hkv, ctx, device, cfg)
             if len(configs) == 1 and not smoke:
                 row["triton_eager_us"] = eager_time_ms(run) * 1e3
+        if kv_fp8:
+            run(configs[0])
+            exact = torch.empty_like(out)
+            paged_decode_attention(q, k_exact, v_exact, exact, seq_lens, qsl, tables, ctx, scale)
+            row["vs_bf16_rel_err"] = relative_error(out, exact)
         if with_sdpa:
             run(configs[0])
             kc, vc = contiguous_kv(k_pool, tables, ctx), contiguous_kv(v_pool, tables, ctx)
@@ -295,6 +313,8 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
             del kc, vc, sdpa_out
         rows.append(row)
     del k_pool, v_pool
+    if kv_fp8:
+        del k_exact, v_exact
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -396,7 +416,7 @@ def cfg_name(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- tuning
-def tune(device, smoke) -> dict:
+def tune(device, smoke, decode_only: bool = False) -> dict:
     base = DEFAULT_DECODE_CONFIG
     dec_cfgs = [base] + [dataclasses.replace(base, **kw) for kw in [
         dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(max_splits=64),
@@ -408,6 +428,11 @@ def tune(device, smoke) -> dict:
         (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
     out = dict(decode=bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False))
     out["decode_bs64"] = bench_decode(device, smoke, dec_shapes[:4], bs=64, with_sdpa=False)
+    # FP8 tiles are half the bytes: the best tile / pipeline depth may differ from bf16's.
+    out["decode_fp8"] = bench_decode(device, smoke, dec_shapes, configs=dec_cfgs,
+                                     with_sdpa=False, kv_fp8=True)
+    if decode_only:
+        return out
     out["prefill"] = bench_prefill(device, smoke, [64] if smoke else [1024, 4096],
                                    configs=pre_cfgs, with_sdpa=False)
     out["prefill_d64"] = bench_prefill(device, smoke, [64] if smoke else [4096], dim=64,
@@ -443,6 +468,21 @@ def markdown(res: dict) -> str:
                      f"{r.get('sdpa_us', math.nan):.1f} | {r.get('sdpa_gbps', math.nan):.0f} | "
                      f"{r.get('vs_sdpa_rel_err', math.nan):.1e} | "
                      f"{r.get('triton_eager_us', math.nan):.1f} |")
+    fp8 = {(r["batch"], r["ctx"]): r for r in res.get("decode_fp8", [])}
+    if fp8:
+        bf16 = {(r["batch"], r["ctx"]): r for r in res["decode"]}
+        lines += ["", "## Decode, FP8 (e4m3) KV cache (same shapes, bf16 queries; bytes = K+V "
+                  "read, 1 per element)", "",
+                  "| batch | ctx | KV MB | triton us | GB/s | % copy BW | time vs bf16 cache | "
+                  "rel diff vs bf16 cache |", "|---|---|---|---|---|---|---|---|"]
+        for key, r in fp8.items():
+            base = bf16.get(key, {}).get("triton_us", math.nan)
+            lines.append(f"| {r['batch']} | {r['ctx']} | {r['kv_mb']:.1f} | "
+                         f"{r.get('triton_us', math.nan):.1f} | "
+                         f"{r.get('triton_gbps', math.nan):.0f} | "
+                         f"{100 * r.get('triton_gbps', math.nan) / res['copy_gbps']:.0f}% | "
+                         f"{r.get('triton_us', math.nan) / base:.2f} | "
+                         f"{r.get('vs_bf16_rel_err', math.nan):.1e} |")
     lines += ["", "## Prefill (one causal request, Hq=32, Hkv=8, bf16, block 16; "
               "FLOPs = 2 N^2 D H)", "",
               "| tokens | D | triton ms | triton TFLOP/s | SDPA flash ms | TFLOP/s | "
@@ -471,7 +511,13 @@ def targets(res: dict) -> list[str]:
                    f"/{len(big)} shapes meet it; min {100 * min(fracs):.0f}% (batch "
                    f"{worst['batch']}, ctx {worst['ctx']}), median "
                    f"{100 * sorted(fracs)[len(fracs) // 2]:.0f}%")
-    for r in res["prefill"]:
+    big8 = [r for r in res.get("decode_fp8", []) if r["kv_mb"] >= 32]
+    if big8:
+        fracs = [r.get("triton_gbps", math.nan) / res["copy_gbps"] for r in big8]
+        out.append(f"FP8 decode >= 80% of copy BW where KV >= 32 MB: "
+                   f"{sum(f >= 0.8 for f in fracs)}/{len(big8)} shapes meet it; min "
+                   f"{100 * min(fracs):.0f}%, median {100 * sorted(fracs)[len(fracs) // 2]:.0f}%")
+    for r in res.get("prefill", []):
         if r["tokens"] == 4096 and r["head_dim"] == 128:
             ratio = r.get("triton_ms", math.nan) / r.get("sdpa_flash_ms", math.nan)
             out.append(f"prefill 4k, D=128: {r.get('triton_tflops', math.nan):.0f} TFLOP/s "
@@ -484,6 +530,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter ok")
     ap.add_argument("--tune", action="store_true", help="also sweep launch configs")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--decode-only", action="store_true",
+                    help="skip correctness and prefill: copy bandwidth, bf16 and FP8 decode")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -492,24 +540,25 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     res = dict(device=name, date=datetime.date.today().isoformat(), torch=torch.__version__,
                triton=triton.__version__, command="PYTHONPATH=. python benchmarks/kernels.py "
-               + ("--smoke " if args.smoke else "") + ("--tune" if args.tune else ""))
+               + ("--smoke " if args.smoke else "") + ("--tune " if args.tune else "")
+               + ("--decode-only" if args.decode_only else ""))
     slug = "".join(c for c in name.lower().split(" ")[1] if c.isalnum()) if "NVIDIA" in name \
         else "cpu-smoke"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{slug}-{res['date']}"
+    stem = f"kernels-{slug}-{res['date']}" + ("-decode" if args.decode_only else "")
 
     def save() -> None:  # after every section, so a crash later keeps what was measured
         (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
 
     t0 = time.time()
-    res["correctness"] = check_correctness(device, args.smoke)
+    res["correctness"] = [] if args.decode_only else check_correctness(device, args.smoke)
     save()
     print(f"[{time.time() - t0:.0f}s] correctness done", flush=True)
     res["copy"] = copy_bandwidth(device, args.smoke)
     res["copy_gbps"] = res["copy"]["roofline"]
     if args.tune:
-        res["tune"] = tune(device, args.smoke)
+        res["tune"] = tune(device, args.smoke, args.decode_only)
         save()
         print(f"[{time.time() - t0:.0f}s] tuning done", flush=True)
         for section, rows in res["tune"].items():
@@ -521,11 +570,17 @@ def main() -> None:
     res["decode"] = bench_decode(device, args.smoke, [(b, c) for b in batches for c in ctxs])
     print(f"[{time.time() - t0:.0f}s] decode done", flush=True)
     save()
-    lengths = [32, 64] if args.smoke else [512, 1024, 2048, 4096, 8192]
-    res["prefill"] = bench_prefill(device, args.smoke, lengths)
-    res["prefill"] += bench_prefill(device, args.smoke, lengths[-2:-1], dim=64)
-    print(f"[{time.time() - t0:.0f}s] prefill done", flush=True)
-    res["fp8_gemm"] = bench_fp8_gemm(device, args.smoke, res.get("copy_gbps"))
+    res["decode_fp8"] = bench_decode(device, args.smoke, [(b, c) for b in batches for c in ctxs],
+                                     with_sdpa=False, kv_fp8=True)
+    print(f"[{time.time() - t0:.0f}s] FP8 decode done", flush=True)
+    save()
+    res["prefill"] = []
+    if not args.decode_only:
+        lengths = [32, 64] if args.smoke else [512, 1024, 2048, 4096, 8192]
+        res["prefill"] = bench_prefill(device, args.smoke, lengths)
+        res["prefill"] += bench_prefill(device, args.smoke, lengths[-2:-1], dim=64)
+        print(f"[{time.time() - t0:.0f}s] prefill done", flush=True)
+        res["fp8_gemm"] = bench_fp8_gemm(device, args.smoke, res.get("copy_gbps"))
 
     save()
     md = markdown(res)

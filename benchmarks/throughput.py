@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-prompts", type=int, default=None, help="HF runs on this many (default all)")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="minivllm's KV cache: model dtype (auto) or float8 e4m3 (fp8)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workload", choices=["fixed", "w1"], default="fixed",
                     help="fixed: --num-prompts x --input-len/--output-len greedy; w1: see benchmarks/w1.py")
@@ -55,7 +57,8 @@ def main() -> None:
     n_out = args.output_len
 
     # ---- minivllm ----
-    llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=args.enforce_eager, seed=0)
+    llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=args.enforce_eager, seed=0,
+              kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     # Warm-up at the timed run's shapes (a full token budget of prefill, then decode), on other
     # prompts so that the timed run gets no prefix-cache hits from it.
@@ -92,8 +95,10 @@ def main() -> None:
     agree = sum(a[:8] == b[:8] for a, b in zip(ours_ids, hf_ids)) / len(hf_ids)
     bw = copy_bandwidth_gbs(device)
     # Decode floor: every step reads all weights once plus the batch's KV (mid-generation length).
+    kv_elem_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
     kv_per_token = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads
-                    * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * 2)
+                    * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+                    * kv_elem_bytes)
     mean_ctx = args.input_len + n_out / 2
     step_bytes = weight_bytes + args.num_prompts * mean_ctx * kv_per_token
     # Copy bandwidth counts bytes read + written: it is the memory's total byte rate, the
@@ -109,6 +114,7 @@ def main() -> None:
         "hf_out_tok_s": hf_n * n_out / hf_s,
         "first8_tokens_agree_frac": agree, "copy_bw_gbs": bw, "weight_bytes": weight_bytes,
         "decode_floor_out_tok_s": floor_tok_s, "enforce_eager": args.enforce_eager,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     res["ratio_out_tok_s"] = res["minivllm_out_tok_s"] / res["hf_out_tok_s"]
     table = (f"| device | prompts x in/out | minivllm out tok/s | HF out tok/s (batch {args.hf_batch}) | ratio "
@@ -116,7 +122,8 @@ def main() -> None:
              f"| {res['device']} | {args.num_prompts} x {args.input_len}/{n_out} | "
              f"{res['minivllm_out_tok_s']:.0f} | {res['hf_out_tok_s']:.0f} | {res['ratio_out_tok_s']:.2f}x | "
              f"{floor_tok_s:.0f} | {agree:.2f} |")
-    write_results(args.out, "throughput", res, table)
+    kind = "throughput" + ("-kvfp8" if args.kv_cache_dtype == "fp8" else "")
+    write_results(args.out, kind, res, table)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """W1: the offline workload nano-vllm's ``bench.py`` made the standard for small engines.
 
     PYTHONPATH=. python benchmarks/throughput.py --workload w1 --model benchmarks/models/qwen3-0.6b
+    ... --kv-cache-dtype fp8      # the KV cache in float8 e4m3 (twice the blocks, half the bytes)
 
 256 prompts of ``randint(100, 1024)`` random ids (``randint(0, 10000)``), then 256 sampling
 settings (temperature 0.6, ``ignore_eos``, ``max_tokens=randint(100, 1024)``), prompts first,
@@ -102,8 +103,9 @@ def run_w1(args) -> None:
     torch.cuda.empty_cache()
 
     t = time.perf_counter()
+    kv_cache_dtype = getattr(args, "kv_cache_dtype", "auto")
     llm = LLM(str(tmp), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=kv_cache_dtype)
     startup_s = time.perf_counter() - t
     llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], _params([8]), use_tqdm=False)  # the one warm-up
     cold_s, cold_tokens = _timed_generate(llm, *cold_batch)
@@ -128,7 +130,8 @@ def run_w1(args) -> None:
 
     bw = copy_bandwidth_gbs(device)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    kv_elem_bytes = 1 if kv_cache_dtype == "fp8" else 2  # the floor moves with the KV bytes
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * kv_elem_bytes
     floor_s = _w1_floor_seconds(cold_batch, weight_bytes, kv_per_token, bw)
     res = {
         "benchmark": "w1", "device": torch.cuda.get_device_name(device),
@@ -140,6 +143,7 @@ def run_w1(args) -> None:
             "cold_s": cold_s, "warm_s": warm_s, "profiled_s": prof_s, "kernel_s": kernel_s,
             "output_tokens_cold": cold_tokens, "num_preemptions": stats["num_preemptions"],
             "num_kv_blocks": stats["num_kv_blocks"], "enforce_eager": args.enforce_eager,
+            "kv_cache_dtype": kv_cache_dtype,
         },
         "peer": peer,
         "floor_output_tok_s": cold_tokens / floor_s, "copy_bw_gbs": bw, "weight_bytes": weight_bytes,
@@ -152,7 +156,7 @@ def run_w1(args) -> None:
              f"| {res['device']} | {ours['output_tok_s_cold']:.0f} | {ours['output_tok_s_warm']:.0f} | "
              f"{ours['gpu_busy_frac']:.0%} | {startup_s:.1f} s | "
              f"{peer['output_tok_s'] or float('nan'):.0f} | {ratio} | {res['floor_output_tok_s']:.0f} |")
-    write_results(args.out, "w1", res, table)
+    write_results(args.out, "w1" + ("-kvfp8" if kv_cache_dtype == "fp8" else ""), res, table)
 
 
 def _w1_floor_seconds(batch, weight_bytes: int, kv_per_token: int, bw_gbs: float) -> float:

@@ -189,6 +189,8 @@ class EngineConfig:
     async_scheduling: bool = False
     # "auto" stores K/V in the model dtype; "fp8" in float8 e4m3 with per-layer scales.
     kv_cache_dtype: str = "auto"
+    # FP8 only: set each layer's K/V scales from the first step's amax / 448 (else 1.0).
+    calculate_kv_scales: bool = False
     # Weight quantisation applied at load time (None = weights as stored).
     quantization: str | None = None
     # What the engine runs: "generate" (causal LM), "classify" or "embed" (pooling models).

@@ -76,8 +76,12 @@ class EngineArgs:
         False, "load no tokenizer: prompts must be token ids and outputs have no text")
     async_scheduling: bool | None = _arg(
         None, "prepare step N+1 while step N runs (default: on for CUDA)")
-    kv_cache_dtype: str = _arg("auto", "KV-cache storage: auto (the model dtype) or fp8",
-                               choices=KV_CACHE_DTYPES)
+    kv_cache_dtype: str = _arg("auto", "KV-cache storage: auto (the model dtype) or fp8 "
+                               "(float8 e4m3 with per-layer K/V scales: twice the tokens of "
+                               "bf16)", choices=KV_CACHE_DTYPES)
+    calculate_kv_scales: bool = _arg(
+        False, "fp8 KV cache: set each layer's K/V scales from the first step's amax / 448 "
+        "(else fixed at 1.0)")
     quantization: str | None = _arg(
         None, "quantise the weights at load time", choices=tuple(q for q in QUANTIZATIONS if q))
     task: str = _arg("auto", "what the model does: generate, classify or embed "
@@ -147,7 +151,8 @@ class EngineArgs:
         """
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
-        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "trust_remote_code"):
+        for name in ("enable_prefix_caching", "enforce_eager", "skip_tokenizer_init", "trust_remote_code",
+                     "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("tokenizer", "revision"):
@@ -167,7 +172,6 @@ class EngineArgs:
                              tensor_parallel_size=self.tensor_parallel_size,
                              max_model_len=self.max_model_len, kv_cache_dtype=self.kv_cache_dtype,
                              quantization=self.quantization, task=self.task)
-        _check_implemented(self)
         dtype = resolve_dtype(self.dtype, dev)
 
         from minivllm.models.embedded import resolve_model_dir, resolve_tokenizer_dir
@@ -209,15 +213,9 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             tensor_parallel_size=self.tensor_parallel_size,
             skip_tokenizer_init=self.skip_tokenizer_init, async_scheduling=async_scheduling,
-            kv_cache_dtype=self.kv_cache_dtype, quantization=quantization,
-            task=task, tokenizer_dir=tokenizer_dir,
+            kv_cache_dtype=self.kv_cache_dtype, calculate_kv_scales=self.calculate_kv_scales,
+            quantization=quantization, task=task, tokenizer_dir=tokenizer_dir,
             trust_remote_code=self.trust_remote_code)
-
-
-def _check_implemented(args: EngineArgs) -> None:
-    """Seams for issues 11/12; each consumer removes its line when it lands."""
-    if args.kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype={args.kv_cache_dtype!r} is not implemented yet")
 
 
 def _base_type(hint: Any) -> Any:

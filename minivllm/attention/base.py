@@ -14,7 +14,8 @@ class AttentionBackend(ABC):
 
     Cache layout (one pair per layer): ``k_cache`` and ``v_cache`` are
     ``[num_blocks, block_size, num_kv_heads, head_dim]``, contiguous. Flat slot ``s``
-    is ``(s // block_size, s % block_size)``.
+    is ``(s // block_size, s % block_size)``. They are in the model dtype, or FP8 e4m3 with
+    per-layer K and V scales (see ``minivllm.attention.kv_cache``).
     """
 
     name: str = "base"
@@ -23,6 +24,16 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
     # ... and kernels compiled per shape bucket at first use (worth warming up at start-up).
     compiles_per_shape: bool = False
+    # KV-cache storage it reads and writes ("auto": the model dtype; "fp8": e4m3 + scales).
+    supported_kv_cache_dtypes: tuple[str, ...] = ("auto",)
+
+    @classmethod
+    def check_kv_cache_dtype(cls, kv_cache_dtype: str, device: torch.device) -> None:
+        """Raise ValueError (at start-up) unless this backend can run ``kv_cache_dtype`` on
+        ``device``."""
+        if kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            raise ValueError(f"the {cls.name} attention backend supports kv_cache_dtype "
+                             f"{cls.supported_kv_cache_dtypes}, not {kv_cache_dtype!r}")
 
     @abstractmethod
     def forward(
@@ -34,6 +45,8 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write ``k``/``v`` at ``meta.slot_mapping``, then compute causal attention.
 
@@ -43,6 +56,8 @@ class AttentionBackend(ABC):
             k_cache, v_cache: this layer's cache tensors (layout above).
             meta: the step's metadata.
             scale: softmax scale (usually ``head_dim ** -0.5``).
+            k_scale, v_scale: for an FP8 cache, its float32 one-element scales (the cache
+                holds ``x / scale``); None for a cache in the model dtype.
 
         Returns:
             ``[num_tokens, num_heads, head_dim]`` in ``q.dtype``; rows past

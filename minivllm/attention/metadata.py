@@ -29,6 +29,9 @@ class AttentionMetadata:
         query_start_loc_cpu / seq_lens_cpu: host copies, so the torch reference path and
             metadata builders never have to sync with the device.
         num_actual_tokens: tokens that are real (rows past this are padding).
+        calculate_kv_scales: set by the runner on the first real step of an FP8 cache built
+            with ``calculate_kv_scales``: every layer sets its K/V scales from this step's
+            ``amax / 448`` before storing (then they stay fixed).
     """
 
     slot_mapping: torch.Tensor
@@ -40,6 +43,7 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
     num_actual_tokens: int
+    calculate_kv_scales: bool = False
 
     @property
     def num_seqs(self) -> int:

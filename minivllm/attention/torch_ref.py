@@ -1,6 +1,7 @@
 """Reference attention in plain torch: the oracle every fast backend is tested against.
 
 Works on CPU and CUDA. Clarity over speed: one gather + matmul per request, float32 softmax.
+An FP8 cache is quantised on store and dequantised (float32) on read, as the kernels do.
 """
 
 from __future__ import annotations
@@ -8,21 +9,30 @@ from __future__ import annotations
 import torch
 
 from minivllm.attention.base import AttentionBackend
+from minivllm.attention.kv_cache import dequantize_fp8, is_fp8, quantize_fp8
 from minivllm.attention.metadata import AttentionMetadata
 
 
 def store_kv_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter new K/V rows into the cache; slots ``< 0`` (padding) are skipped."""
+    """Scatter new K/V rows into the cache; slots ``< 0`` (padding) are skipped. An FP8 cache
+    gets ``sat(x / scale)`` rounded to e4m3."""
     valid = slot_mapping >= 0
     n = slot_mapping.shape[0]
     slots = slot_mapping[valid]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, slots, k[:n][valid].to(k_cache.dtype))
-    flat_v.index_copy_(0, slots, v[:n][valid].to(v_cache.dtype))
+    for rows, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        new = rows[:n][valid]
+        if is_fp8(cache):
+            if scale is None:
+                raise ValueError("an FP8 KV cache needs k_scale and v_scale")
+            # CPU has no index_copy_ for float8: copy the bytes.
+            cache.view(torch.uint8).view(-1, *cache.shape[2:]).index_copy_(
+                0, slots, quantize_fp8(new, scale).view(torch.uint8))
+        else:
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -64,8 +74,11 @@ class TorchReferenceBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+    supported_kv_cache_dtypes = ("auto", "fp8")
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+        store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         num_seqs, max_q = meta.num_seqs, meta.max_query_len
         # max_seq_len may be a static cap (CUDA graphs); no request reaches past its block table.
@@ -79,6 +92,8 @@ class TorchReferenceBackend(AttentionBackend):
                  + key_pos % block_size)  # [B, L]
         keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].float()  # [B, L, Hkv, D]
         values = v_cache.view(-1, num_kv_heads, head_dim)[slots].float()
+        if is_fp8(k_cache):  # dequantise: the cache holds x / scale
+            keys, values = dequantize_fp8(keys, k_scale), dequantize_fp8(values, v_scale)
 
         qsl = meta.query_start_loc.long()
         q_lens = qsl[1:] - qsl[:-1]

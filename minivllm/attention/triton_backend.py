@@ -13,6 +13,7 @@ from minivllm.kernels.paged_prefill import paged_prefill_attention
 
 class TritonAttentionBackend(AttentionBackend):
     """Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (float32/float16 only there).
+    Reads and writes an FP8 (e4m3) cache too: quantised on store, dequantised in registers.
 
     A pure decode step (``max_query_len == 1``) takes the split-KV decode kernel, whose launch
     depends only on the padded batch and the static ``max_seq_len`` cap (graph-capturable); any
@@ -25,6 +26,18 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
     compiles_per_shape = True
+    supported_kv_cache_dtypes = ("auto", "fp8")
+
+    @classmethod
+    def check_kv_cache_dtype(cls, kv_cache_dtype: str, device: torch.device) -> None:
+        super().check_kv_cache_dtype(kv_cache_dtype, device)
+        # Triton converts float8e4nv only on sm_89+ (Ada, Hopper); the interpreter does too.
+        if kv_cache_dtype == "fp8" and device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 9):
+                raise ValueError(f"kv_cache_dtype='fp8' with the Triton backend needs compute "
+                                 f"capability 8.9+ (this GPU: {major}.{minor}); use "
+                                 f"kv_cache_dtype='auto' or attention_backend='torch'")
 
     def forward(
         self,
@@ -35,15 +48,18 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store ``k``/``v`` at ``meta.slot_mapping``, then attend (see ``AttentionBackend``)."""
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.max_query_len <= 1:
             paged_decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.query_start_loc,
-                                   meta.block_tables, meta.max_seq_len, scale)
+                                   meta.block_tables, meta.max_seq_len, scale,
+                                   k_scale=k_scale, v_scale=v_scale)
         else:
             paged_prefill_attention(q, k_cache, v_cache, out, meta.seq_lens,
                                     meta.query_start_loc, meta.block_tables,
-                                    meta.max_query_len, scale)
+                                    meta.max_query_len, scale, k_scale=k_scale, v_scale=v_scale)
         return out

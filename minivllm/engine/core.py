@@ -52,12 +52,15 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.async_scheduling = config.async_scheduling
+        self.kv_cache_dtype = config.kv_cache_dtype
         self.task = config.task
         self._in_flight: tuple[SchedulerOutput, StepFuture] | None = None
         self.startup_s = time.perf_counter() - start
+        kv_dtype = config.dtype if config.kv_cache_dtype == "auto" else "fp8 e4m3"
         logger.info("engine ready in %.1f s (load, KV cache, warm-up, graphs): %d KV blocks of %d "
-                    "tokens; overlapped scheduling %s", self.startup_s, num_blocks, cache.block_size,
-                    "on" if self.async_scheduling else "off")
+                    "tokens (%s, %d tokens); overlapped scheduling %s", self.startup_s, num_blocks,
+                    cache.block_size, str(kv_dtype).replace("torch.", ""),
+                    num_blocks * cache.block_size, "on" if self.async_scheduling else "off")
 
     # ---- requests ------------------------------------------------------------------------
     @property
@@ -162,6 +165,7 @@ class EngineCore:
             "prefix_cache_hits": kv.prefix_cache_hits,
             "num_kv_blocks": kv.num_blocks,
             "block_size": kv.block_size,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "kv_cache_usage": kv.usage,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),

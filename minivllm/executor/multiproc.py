@@ -34,7 +34,8 @@ def _build_runner(ctx: WorkerContext, config: EngineConfig) -> str:
         load_format=config.load_format, seed=config.seed,
         attention_backend=config.attention_backend,
         max_position=config.scheduler.max_model_len, tp_group=ctx.tp_group,
-        quantization=config.quantization)
+        quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
+        calculate_kv_scales=config.calculate_kv_scales)
     ctx.state["runner"] = runner
     return runner.backend.name
 

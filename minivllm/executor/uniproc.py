@@ -17,7 +17,8 @@ class UniProcExecutor(Executor):
             load_format=config.load_format, seed=config.seed,
             attention_backend=config.attention_backend,
             quantization=config.quantization,
-            max_position=config.scheduler.max_model_len)
+            max_position=config.scheduler.max_model_len,
+            kv_cache_dtype=config.kv_cache_dtype, calculate_kv_scales=config.calculate_kv_scales)
 
     def num_available_kv_blocks(self, block_size: int, gpu_memory_utilization: float,
                                 max_num_batched_tokens: int) -> int:

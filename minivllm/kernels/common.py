@@ -13,6 +13,8 @@ LOG2_E = 1.4426950408889634
 # 80 and 96 cost the work of 128; the list keeps configs we have tested.
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The KV cache may also be FP8 e4m3 (kv_cache_dtype="fp8"); queries stay in a SUPPORTED_DTYPE.
+SUPPORTED_CACHE_DTYPES = SUPPORTED_DTYPES + (torch.float8_e4m3fn,)
 
 
 def next_pow2(n: int) -> int:
@@ -57,9 +59,9 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(
             "k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in SUPPORTED_DTYPES:
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in SUPPORTED_CACHE_DTYPES:
         raise ValueError(f"cache dtypes {k_cache.dtype}/{v_cache.dtype} unsupported; "
-                         f"use one of {SUPPORTED_DTYPES}")
+                         f"use one of {SUPPORTED_CACHE_DTYPES}")
     if k_cache.dtype == torch.bfloat16 and k_cache.device.type != "cuda":
         # The interpreter (Triton 3.9) runs bfloat16 kernels but returns garbage: refuse.
         raise ValueError("the Triton interpreter (CPU) has no working bfloat16; use float16/"
@@ -73,15 +75,35 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError(f"head_dim {head_dim} unsupported; use one of {SUPPORTED_HEAD_DIMS}")
 
 
+def check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> None:
+    """An FP8 cache needs its two float32 one-element scales on the cache's device."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            raise ValueError(f"an FP8 KV cache needs {name}")
+        if s.dtype != torch.float32 or s.numel() != 1 or s.device != k_cache.device:
+            raise ValueError(f"{name} must be a one-element float32 tensor on {k_cache.device}, "
+                             f"got {s.dtype} {tuple(s.shape)} on {s.device}")
+
+
 def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           out: torch.Tensor) -> int:
+                           out: torch.Tensor, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> int:
     """Validate query/cache/output shapes; return the GQA group size (query heads per KV head)."""
     check_cache_pair(k_cache, v_cache)
+    check_kv_scales(k_cache, k_scale, v_scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if q.dim() != 3 or q.shape[2] != head_dim:
         raise ValueError(f"q must be [num_tokens, num_heads, {head_dim}], got {tuple(q.shape)}")
-    if q.dtype != k_cache.dtype:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} unsupported; use one of {SUPPORTED_DTYPES}")
+    if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
         raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise ValueError("the Triton interpreter (CPU) has no working bfloat16; use float16/"
+                         "float32 there, or attention_backend='torch'")
     if q.shape[1] % num_kv_heads != 0:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
     if q.stride(-1) != 1 or out.stride(-1) != 1:

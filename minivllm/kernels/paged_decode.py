@@ -8,6 +8,9 @@ kernel merges the splits. With one split the first kernel writes the output dire
 
 Every launch size depends only on ``num_seqs`` (the padded batch), the head counts and the
 static ``max_seq_len`` cap: no ``.item()``, no host sync, so the step can be graph-captured.
+
+An FP8 (e4m3) cache is read as bytes and cast exactly to the query dtype in registers; its K/V
+scales (read through pointers, so graphs see updates) fold into the softmax scale and output.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minivllm.attention.kv_cache import is_fp8
 from minivllm.kernels.common import (LOG2_E, cdiv, check_attention_inputs, dot_precision,
                                      next_pow2, num_sms)
 
@@ -50,13 +54,14 @@ DEFAULT_DECODE_CONFIG = DecodeConfig()
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr,
+    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,6 +82,10 @@ def _paged_decode_kernel(
     q_mask = (groups[:, None] < GROUP) & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_row.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head
                 + dims[None, :], mask=q_mask, other=0.0)
+    if KV_FP8:
+        # Dequantising is k * k_scale, v * v_scale: the cast to q's dtype is exact, K's scale
+        # folds into the softmax scale and V's into the output (one multiply each, not per row).
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -89,8 +98,10 @@ def _paged_decode_kernel(
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + head_offset
         kv_mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask,
+                    other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask,
+                    other=0.0).to(q.dtype)
         # Scores in the log2 domain (exp2 is the native instruction), float32 throughout.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -104,6 +115,8 @@ def _paged_decode_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + q_row.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -161,7 +174,8 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
     max_seq_len: int, scale: float, num_splits: int | None = None,
-    config: DecodeConfig = DEFAULT_DECODE_CONFIG,
+    config: DecodeConfig = DEFAULT_DECODE_CONFIG, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context; writes ``out``.
 
@@ -171,8 +185,10 @@ def paged_decode_attention(
         seq_lens: int32 ``[num_seqs]`` context lengths including the new token.
         max_seq_len: host upper bound on ``seq_lens`` (may be a static cap); sizes the splits.
         num_splits: override the heuristic (tests use it to force the merge path).
+        k_scale, v_scale: an FP8 (e4m3) cache's float32 scales (one element each), else None.
     """
-    group = check_attention_inputs(q, k_cache, v_cache, out)
+    group = check_attention_inputs(q, k_cache, v_cache, out, k_scale, v_scale)
+    kv_fp8 = is_fp8(k_cache)
     num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_heads = q.shape[1]
@@ -193,12 +209,14 @@ def paged_decode_attention(
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse,
         seq_lens, query_start_loc, block_tables,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,  # unread unless FP8
         scale * LOG2_E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

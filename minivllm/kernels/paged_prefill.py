@@ -12,6 +12,9 @@ depends only on the (padded) token and sequence counts, never on the lengths' va
 GQA packing: a tile's ``BLOCK_M`` rows are ``BLOCK_Q`` query tokens x ``GROUP_PAD`` query heads
 of one KV head (row ``r`` is token ``r // GROUP_PAD``, head ``r % GROUP_PAD``), so every K/V tile
 loaded is used by all heads that share it.
+
+An FP8 (e4m3) cache is dequantised in registers as in the decode kernel (exact cast, scales
+folded into the softmax scale and the output).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minivllm.attention.kv_cache import is_fp8
 from minivllm.kernels.common import LOG2_E, check_attention_inputs, dot_precision, next_pow2
 
 
@@ -48,9 +52,10 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -
 
 @triton.jit
 def _load_kv_tile(cache_ptr, rows, dims, valid, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """``[BLOCK_N, DIM_PAD]`` rows of one KV head; unmasked tiles of a power-of-two head dim
-    load with no mask at all, which keeps the loads wide and the pipeline simple."""
+                  MASKED: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """``[BLOCK_N, DIM_PAD]`` rows of one KV head in ``OUT_DTYPE`` (an FP8 cache's exact cast;
+    a no-op otherwise); unmasked tiles of a power-of-two head dim load with no mask at all,
+    which keeps the loads wide and the pipeline simple."""
     ptrs = cache_ptr + rows[:, None] + dims[None, :]
     if MASKED:
         tile = tl.load(ptrs, mask=valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
@@ -58,7 +63,7 @@ def _load_kv_tile(cache_ptr, rows, dims, valid, HEAD_DIM: tl.constexpr, DIM_PAD:
         tile = tl.load(ptrs)
     else:
         tile = tl.load(ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
-    return tile
+    return tile.to(OUT_DTYPE)
 
 
 @triton.jit
@@ -77,7 +82,7 @@ def _attend_tile(
     else:
         block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
     rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + head_offset
-    k = _load_kv_tile(k_cache_ptr, rows, dims, valid, HEAD_DIM, DIM_PAD, MASKED)
+    k = _load_kv_tile(k_cache_ptr, rows, dims, valid, HEAD_DIM, DIM_PAD, MASKED, q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     if MASKED:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos[None, :] < seq_len), s,
@@ -87,7 +92,7 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_kv_tile(v_cache_ptr, rows, dims, valid, HEAD_DIM, DIM_PAD, MASKED)
+    v = _load_kv_tile(v_cache_ptr, rows, dims, valid, HEAD_DIM, DIM_PAD, MASKED, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -97,13 +102,13 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr,
+    seq_lens_ptr, query_start_loc_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr,
     num_seqs, scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     # Reversed, so that the costliest tiles (last queries, most keys) start first and the
@@ -140,6 +145,10 @@ def _paged_prefill_kernel(
     q = tl.load(q_ptr + q_offsets[:, None] * stride_q_tok + heads[:, None] * stride_q_head
                 + dims[None, :], mask=q_mask, other=0.0)
     q_pos = prefix_len + tok
+    if KV_FP8:
+        # Dequantising is k * k_scale, v * v_scale: K's scale folds into the softmax scale and
+        # V's into the output, so the tiles only need the (exact) cast to q's dtype.
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -163,6 +172,8 @@ def _paged_prefill_kernel(
             stride_c_block, stride_c_slot, True, PRECISION)
 
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     tl.store(out_ptr + q_offsets[:, None] * stride_o_tok + heads[:, None] * stride_o_head
              + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -171,6 +182,7 @@ def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, scale: float, config: PrefillConfig | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention for any mix of decode rows, prefill and extend chunks; writes ``out``.
 
@@ -180,8 +192,10 @@ def paged_prefill_attention(
         seq_lens: int32 ``[num_seqs]``; context length including this step's queries, whose
             K/V must already be in the cache.
         max_query_len: host upper bound on query lengths; only shrinks the tile for short ones.
+        k_scale, v_scale: an FP8 (e4m3) cache's float32 scales (one element each), else None.
     """
-    group = check_attention_inputs(q, k_cache, v_cache, out)
+    group = check_attention_inputs(q, k_cache, v_cache, out, k_scale, v_scale)
+    kv_fp8 = is_fp8(k_cache)
     num_seqs = seq_lens.shape[0]
     num_tokens = q.shape[0]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -196,12 +210,13 @@ def paged_prefill_attention(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, seq_lens, query_start_loc, block_tables,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,  # unread unless FP8
         num_seqs, scale * LOG2_E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, DIM_PAD=next_pow2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype), KV_FP8=kv_fp8,
         num_warps=config.num_warps if block_m >= 64 else 4, num_stages=config.num_stages,
     )
     return out

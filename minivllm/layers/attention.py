@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from minivllm.attention.base import AttentionBackend
+from minivllm.attention.kv_cache import LayerKVCache, calculate_kv_scales
 from minivllm.attention.metadata import AttentionMetadata
 
 
@@ -22,7 +23,11 @@ class PagedAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         """q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` → ``[T, Hq * D]``."""
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        if meta.calculate_kv_scales:
+            n = meta.num_actual_tokens
+            calculate_kv_scales(k[:n], v[:n], kv_cache)
+        out = self.backend.forward(q, k, v, kv_cache.k, kv_cache.v, meta, self.scale,
+                                   kv_cache.k_scale, kv_cache.v_scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

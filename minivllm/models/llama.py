@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from minivllm.attention.base import AttentionBackend
+from minivllm.attention.kv_cache import LayerKVCache
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup
@@ -29,7 +30,7 @@ from minivllm.layers.rotary import RotaryEmbedding
 from minivllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding, lm_logits
 from minivllm.layers.weight_loading import WeightSource, copy_replicated
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = LayerKVCache
 
 
 class DecoderAttention(nn.Module):

@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivllm.attention.kv_cache import LayerKVCache
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.runner.input_batch import ModelInputs
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+KVCaches = list[LayerKVCache]
 
 
 def capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:

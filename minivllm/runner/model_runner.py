@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 
+from minivllm.attention.kv_cache import LayerKVCache, resolve_kv_cache_dtype
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.selector import get_attention_backend
 from minivllm.config import ModelArchConfig
@@ -19,6 +21,8 @@ from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import InputBatch, PreviousSample
 from minivllm.runner.step_handle import StepHandle
 
+logger = logging.getLogger(__name__)
+
 CPU_KV_CACHE_BYTES = 1 << 30  # CPU has no memory profiler worth trusting: a fixed, modest cap
 GIB = 1 << 30
 
@@ -29,10 +33,13 @@ class ModelRunner:
     def __init__(self, *, model_dir, arch: ModelArchConfig, device: torch.device, dtype: torch.dtype,
                  load_format: str, seed: int, attention_backend: str, max_position: int,
                  tp_group: TensorParallelGroup | None = None,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 calculate_kv_scales: bool = False) -> None:
         """``tp_group``: this runner is one tensor-parallel rank; it holds that rank's shard of
         the weights and of the KV cache (its KV heads). Every rank samples identically.
-        ``quantization``: the resolved weight format (``EngineConfig.quantization``)."""
+        ``quantization``: the resolved weight format (``EngineConfig.quantization``).
+        ``kv_cache_dtype``: ``auto`` (model dtype) or ``fp8`` (e4m3, per-layer K/V scales: 1.0,
+        or from the first step's amax with ``calculate_kv_scales``)."""
         self.arch = arch
         self.tp_group = tp_group
         self.num_kv_cache_heads = kv_cache_heads_per_rank(arch, tp_rank_and_size(tp_group)[1])
@@ -40,6 +47,11 @@ class ModelRunner:
         self.dtype = dtype
         torch.manual_seed(seed)
         self.backend = get_attention_backend(attention_backend, device, arch.head_dim)
+        self.backend.check_kv_cache_dtype(kv_cache_dtype, device)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_cache_torch_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+        # Until the first real step has set them (FP8 with calculate_kv_scales only).
+        self.kv_scales_pending = calculate_kv_scales and kv_cache_dtype == "fp8"
         self.model = load_model(arch, model_dir, self.backend, device, dtype, load_format, seed,
                                 max_position, tp_group=tp_group, quantization=quantization)
         gen = torch.Generator(device=device)
@@ -47,7 +59,7 @@ class ModelRunner:
         self.sampler = Sampler(gen)
         self.pooler = Pooler(self.model)  # classify/embed requests (idle for generative models)
         self.max_position = max_position
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.input_batch: InputBatch | None = None
         self.prev_sample: PreviousSample | None = None
@@ -55,8 +67,9 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of one block over all layers, K and V (1 byte per element for FP8)."""
         a = self.arch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_cache_torch_dtype).element_size()
         return 2 * a.num_hidden_layers * block_size * self.num_kv_cache_heads * a.head_dim * elem
 
     def auto_num_blocks(self, block_size: int, gpu_memory_utilization: float,
@@ -90,10 +103,27 @@ class ModelRunner:
                                       self.arch.vocab_size, self.device)
         a = self.arch
         shape = (num_blocks, block_size, self.num_kv_cache_heads, a.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(a.num_hidden_layers)]
+        fp8 = self.kv_cache_dtype == "fp8"
+
+        def layer_cache() -> LayerKVCache:
+            k, v = (torch.zeros(shape, dtype=self.kv_cache_torch_dtype, device=self.device)
+                    for _ in range(2))
+            if not fp8:
+                return LayerKVCache(k, v)
+            # Per layer, per K/V; the kernels read them through a pointer (graph-safe updates).
+            k_scale, v_scale = (torch.ones(1, dtype=torch.float32, device=self.device)
+                                for _ in range(2))
+            return LayerKVCache(k, v, k_scale, v_scale)
+
+        self.kv_caches = [layer_cache() for _ in range(a.num_hidden_layers)]
         self.block_size = block_size
+        if fp8:
+            model_elem = torch.tensor([], dtype=self.dtype).element_size()
+            logger.info("KV cache in fp8 e4m3: %d blocks (%d tokens) in %.2f GiB, %dx the "
+                        "blocks of %s in the same memory; scales %s", num_blocks,
+                        num_blocks * block_size, num_blocks * self.kv_bytes_per_block(block_size)
+                        / GIB, model_elem, str(self.dtype).removeprefix("torch."),
+                        "from the first step's amax" if self.kv_scales_pending else "1.0")
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Capture pure-decode CUDA graphs (needs the KV cache allocated). Only the Triton
@@ -186,7 +216,11 @@ class ModelRunner:
         if step.is_empty:
             return StepHandle.empty()
         inputs = batch.prepare(step, self.prev_sample)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs):
+        if self.kv_scales_pending and inputs.meta.num_actual_tokens > 0:
+            inputs.meta.calculate_kv_scales = True  # the first real step sets the FP8 scales
+            self.kv_scales_pending = False
+        if (self.decode_graphs is not None and self.decode_graphs.can_run(inputs)
+                and not inputs.meta.calculate_kv_scales):
             hidden = self.decode_graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)

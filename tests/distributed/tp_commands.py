@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from minivllm.attention.kv_cache import LayerKVCache
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.torch_ref import TorchReferenceBackend
 from minivllm.config import ModelArchConfig
@@ -163,7 +164,8 @@ def run_steps(ctx, model_dir: str, tp: bool = True) -> list[torch.Tensor]:
     arch, model = _load(ctx, model_dir, tp=tp)
     heads = model.num_local_kv_heads
     shape = (NUM_BLOCKS, BLOCK_SIZE, heads, arch.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(arch.num_hidden_layers)]
+    kv = [LayerKVCache(torch.zeros(shape), torch.zeros(shape))
+          for _ in range(arch.num_hidden_layers)]
     out = []
     with torch.inference_mode():
         for step in STEPS:
@@ -219,8 +221,9 @@ def decode_graph_vs_eager(ctx, model_dir: str) -> tuple[float, float]:
 
     def run(model, capture: bool):
         shape = (NUM_BLOCKS, BLOCK_SIZE, model.num_local_kv_heads, arch.head_dim)
-        kv = [(torch.zeros(shape, dtype=torch.bfloat16, device=dev),
-               torch.zeros(shape, dtype=torch.bfloat16, device=dev)) for _ in range(arch.num_hidden_layers)]
+        kv = [LayerKVCache(torch.zeros(shape, dtype=torch.bfloat16, device=dev),
+                           torch.zeros(shape, dtype=torch.bfloat16, device=dev))
+              for _ in range(arch.num_hidden_layers)]
         with torch.inference_mode():
             model(*moved(*step_metadata(STEPS[0])), kv)  # prefill (eager)
             # STEPS[2] is a decode step of both sequences once STEPS[1] ran: run STEPS[1] too.

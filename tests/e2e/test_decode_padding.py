@@ -57,7 +57,7 @@ def test_prefill_warm_up_runs_every_bucket_and_writes_nothing(tiny_model_dirs):
     runner.model.forward = lambda ids, *a: calls.append(len(ids)) or forward(ids, *a)
     runner.warm_up_prefill(max_num_batched_tokens=64, max_model_len=96, force=True)
     assert calls == [2, 4, 8, 16, 32, 64]
-    assert all(not k.any() and not v.any() for k, v in runner.kv_caches)  # slots -1: untouched
+    assert all(not k.any() and not v.any() for k, v, *_ in runner.kv_caches)  # slots -1: untouched
     # The engine still generates normally afterwards.
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
