@@ -26,6 +26,8 @@ from minivllm.kernels.common import cdiv, num_sms, pdl_options
 # Rows handled by the GEMV path: beyond this a GEMM (cuBLAS) reuses weights across rows better.
 MAX_ROWS = 4
 ACTIVATIONS = (None, "silu_and_mul")
+# Weights the kernel dequantises in registers (with a per-output-row float32 scale).
+QUANT_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 @triton.jit
@@ -80,9 +82,10 @@ def _accumulate(acc0, acc1, acc2, acc3, w, x_ptr, res_ptr, norm_w_ptr, cols, mas
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr, scale_ptr,
                  N, K, stride_x, stride_w, stride_out, stride_res, eps,
-                 M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 SILU_AND_MUL: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, RMS_NORM: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -148,6 +151,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
         bias = tl.load(b_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_SCALE:  # 8-bit weights, one scale per output row: it commutes with the sum
+        row_scale = tl.load(scale_ptr + rows_n, mask=mask_n, other=0.0)
+    else:
+        row_scale = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     for m in tl.static_range(M):
         if m == 0:
             y = tl.sum(acc0, axis=1)
@@ -157,7 +164,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr,
             y = tl.sum(acc2, axis=1)
         else:
             y = tl.sum(acc3, axis=1)
-        tl.store(out_ptr + m * stride_out + rows_n, (y + bias).to(dtype), mask=mask_n)
+        tl.store(out_ptr + m * stride_out + rows_n, (y * row_scale + bias).to(dtype), mask=mask_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +183,7 @@ def gemv_config(n: int, k: int, sms: int) -> tuple[int, int, int]:
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    x_width: int) -> None:
+                    x_width: int, scale: torch.Tensor | None = None) -> None:
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"gemv wants 2-D x and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
     m, n = x.shape[0], weight.shape[0]
@@ -184,8 +191,14 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"gemv handles 1..{MAX_ROWS} rows, got {m}")
     if x.shape[1] != x_width:
         raise ValueError(f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} wants {x_width}")
-    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("x and weight must share a dtype and have contiguous last dimensions")
+    if scale is None and x.dtype != weight.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype, or "
+                         "pass the 8-bit weight's per-row scale")
+    if scale is not None and (weight.dtype not in QUANT_WEIGHT_DTYPES or scale.shape != (n,)
+                              or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError(f"an 8-bit weight ({QUANT_WEIGHT_DTYPES}) needs a float32 [{n}] scale")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight need contiguous last dimensions")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be [{n}] of {x.dtype}")
 
@@ -193,7 +206,7 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
             silu_and_mul: bool = False, residual: torch.Tensor | None = None,
             norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual_out: torch.Tensor | None = None,
+            residual_out: torch.Tensor | None = None, scale: torch.Tensor | None = None,
             config: tuple[int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -203,9 +216,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
         residual if residual is not None else x,
         norm_weight if norm_weight is not None else weight,
         residual_out if residual_out is not None else out,
+        scale if scale is not None else out,
         n, k, x.stride(0), weight.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0, eps,
-        M=m, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul,
+        M=m, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, SILU_AND_MUL=silu_and_mul,
         ADD_RESIDUAL=residual is not None, RMS_NORM=norm_weight is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         **(pdl_options(x.device) if pdl else {"USE_PDL": False}))
@@ -213,12 +227,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         act: str | None = None, *, config: tuple[int, int, int] | None = None,
-         pdl: bool = True) -> torch.Tensor:
+         act: str | None = None, *, scale: torch.Tensor | None = None,
+         config: tuple[int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     """``act(x) @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows.
 
     ``x``: ``[M, K]`` (``[M, 2K]`` for ``act="silu_and_mul"``), last dimension contiguous;
-    ``weight``: ``[N, K]`` contiguous rows. The launch depends only on the shapes, so the
+    ``weight``: ``[N, K]`` contiguous rows, in ``x``'s dtype, or 8-bit (fp8 e4m3 / int8) with
+    ``scale`` its float32 ``[N]`` per-row scales (read in 8 bits, dequantised in registers:
+    half the bytes of bf16, which is what batch-1 decode time is). The launch depends only on the shapes, so the
     call is CUDA-graph capturable. ``config`` overrides :func:`gemv_config`; ``pdl=False``
     launches without programmatic dependent launch (both for benchmarks).
 
@@ -229,13 +245,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     k = weight.shape[-1]
-    _check_operands(x, weight, bias, 2 * k if act == "silu_and_mul" else k)
-    return _launch(x, weight, bias, silu_and_mul=act == "silu_and_mul", config=config, pdl=pdl)
+    _check_operands(x, weight, bias, 2 * k if act == "silu_and_mul" else k, scale)
+    return _launch(x, weight, bias, silu_and_mul=act == "silu_and_mul", scale=scale,
+                   config=config, pdl=pdl)
 
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) @ weight.T + bias, x + residual)`` in one launch.
 
     The pre-norm of a transformer block folded into the matmul after it; without
@@ -246,7 +263,7 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         ValueError: as :func:`gemv`, or on a residual / norm weight of the wrong shape.
     """
     k = weight.shape[-1]
-    _check_operands(x, weight, bias, k)
+    _check_operands(x, weight, bias, k, scale)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.stride(1) != 1):
         raise ValueError(f"residual must match x {tuple(x.shape)} / {x.dtype}")
@@ -254,5 +271,5 @@ def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         raise ValueError(f"norm weight must be [{k}], got {tuple(norm_weight.shape)}")
     residual_out = torch.empty_like(x) if residual is not None else None
     out = _launch(x, weight, bias, residual=residual, norm_weight=norm_weight, eps=eps,
-                  residual_out=residual_out)
+                  residual_out=residual_out, scale=scale)
     return out, (residual_out if residual_out is not None else x)

@@ -94,11 +94,11 @@ class MergedColumnParallelLinear(nn.Module):
         residual stream. At batch-1 decode on CUDA the norm runs inside the GEMV kernel: one
         launch instead of two, and the normalised row never goes through memory.
         """
-        if (isinstance(self.method, UnquantizedLinearMethod) and uses_gemv(x, self.weight)
-                and norm.weight.dtype == x.dtype):
+        op = self.method.gemv_weight(self)
+        if op is not None and uses_gemv(x, *op) and norm.weight.dtype == x.dtype:
             from minivllm.kernels.gemv import rms_norm_gemv  # only the CUDA path needs triton
 
-            return rms_norm_gemv(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+            return rms_norm_gemv(x, residual, norm.weight, norm.eps, op[0], self.bias, op[1])
         if residual is None:
             return self(norm(x)), x
         x, residual = norm(x, residual)
@@ -197,13 +197,14 @@ class RowParallelLinear(nn.Module):
         decode on CUDA), so the activation never goes through memory."""
         if input_act not in (None, "silu_and_mul"):
             raise ValueError(f"unknown input_act {input_act!r}")
-        fused = input_act is not None and isinstance(self.method, UnquantizedLinearMethod)
+        op = self.method.gemv_weight(self)
+        fused = input_act is not None and op is not None and uses_gemv(x, *op)
         if input_act is not None and not fused:
-            x = silu_and_mul(x)  # quantised weights: their own matmul, after the activation
+            x = silu_and_mul(x)  # the activation kernel, then the method's own matmul
 
         def matmul(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             if fused:
-                return silu_and_mul_linear(x, self.weight, bias)
+                return silu_and_mul_linear(x, op[0], bias, op[1])
             return self.method.apply(self, x, bias)
 
         if self.tp is None:

