@@ -49,8 +49,10 @@ def hf_model(hf_tiny_models):
 
 @pytest.fixture(scope="module")
 def chunked_llm(tiny_model_dirs):
-    """Prompts of up to 80 tokens take several 32-token steps; prefix caching on (the default)."""
-    return LLM(tiny_model_dirs[MODEL], device="cpu", max_num_batched_tokens=32, num_kv_blocks=64)
+    """Prompts of up to 80 tokens take several 32-token steps; prefix caching on (the default);
+    overlapped scheduling (CUDA's default): the host learns each step's results a step late."""
+    return LLM(tiny_model_dirs[MODEL], device="cpu", max_num_batched_tokens=32, num_kv_blocks=64,
+               async_scheduling=True)
 
 
 def test_one_chunk_matches_hf(tiny_model_dirs, hf_model):
@@ -85,6 +87,17 @@ def test_chunked_prefill_prefix_cache_and_mixed_batch(chunked_llm, hf_model):
     assert outs[3].num_cached_tokens == 0  # prompt logprobs skip the prefix cache lookup ...
     again = chunked_llm.generate([shared], greedy, use_tqdm=False)[0]
     assert again.num_cached_tokens >= 64  # ... and the blocks they computed are cached for others
+
+
+def test_preempted_requests_score_each_prompt_token_once(tiny_model_dirs, hf_model):
+    # 3 x (40 + 40) tokens in a 160-token cache: requests are preempted and recomputed.
+    llm = LLM(tiny_model_dirs[MODEL], device="cpu", max_num_batched_tokens=32, num_kv_blocks=10)
+    prompts = random_prompts([40, 40, 40], seed=75)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                prompt_logprobs=1), use_tqdm=False)
+    assert llm.stats()["num_preemptions"] > 0
+    for prompt, out in zip(prompts, outs):
+        check_against_hf(out.prompt_logprobs, prompt, 1, hf_prompt_logprobs(hf_model, prompt))
 
 
 def test_n_above_one_and_bad_values(chunked_llm, hf_model):
