@@ -5,6 +5,7 @@ cache or the other requests in the batch; offline, through AsyncLLM and over HTT
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -111,17 +112,64 @@ def test_n_above_one_and_bad_values(chunked_llm, hf_model):
             SamplingParams(prompt_logprobs=bad)
 
 
-def test_async_llm_streams_them_once(tiny_model_dirs, hf_model):
+@pytest.fixture(scope="module")
+def async_engine(tiny_model_dirs):
+    """An engine core in its own process: prompt logprobs cross the ZMQ boundary."""
+    engine = AsyncLLM(tiny_model_dirs[MODEL], device="cpu", max_num_batched_tokens=16, num_kv_blocks=32)
+    yield engine
+    engine.shutdown()
+
+
+def test_async_llm_streams_them_once(async_engine, hf_model):
     prompt = random_prompts([50], seed=74)[0]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
 
-    async def run(engine):
-        return [o async for o in engine.generate(prompt, params, "plp", output_kind="delta")]
+    async def run():
+        return [o async for o in async_engine.generate(prompt, params, "plp", output_kind="delta")]
 
-    engine = AsyncLLM(tiny_model_dirs[MODEL], device="cpu", max_num_batched_tokens=16, num_kv_blocks=32)
-    try:
-        outs = asyncio.run(run(engine))
-    finally:
-        engine.shutdown()
+    outs = asyncio.run(run())
     check_against_hf(outs[0].prompt_logprobs, prompt, 2, hf_prompt_logprobs(hf_model, prompt))
     assert all(o.prompt_logprobs is None for o in outs[1:])  # deltas carry them once
+
+
+def _from_json(prompt_logprobs: list) -> list:
+    """The server's ``prompt_logprobs`` back into Python-API objects (JSON keys are strings)."""
+    return [None if e is None else {int(t): Logprob(v["logprob"], v["rank"], v["decoded_token"])
+                                    for t, v in e.items()} for e in prompt_logprobs]
+
+
+def test_openai_server_prompt_logprobs_and_echo_with_logprobs(async_engine, hf_model):
+    from tests.server.helpers import ServerThread, request, stream
+
+    prompt = random_prompts([30], seed=76)[0]
+    ref = hf_prompt_logprobs(hf_model, prompt)
+    server = ServerThread(async_engine, "tiny")
+    try:
+        body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        status, resp = request(server.port, "POST", "/v1/completions", {**body, "prompt_logprobs": 2})
+        assert status == 200, resp
+        choice = resp["choices"][0]
+        check_against_hf(_from_json(choice["prompt_logprobs"]), prompt, 2, ref)
+        assert choice["logprobs"] is None  # prompt logprobs are not completion logprobs
+
+        # Streaming: the first chunk of the choice carries the same prompt logprobs.
+        events = [json.loads(e) for e in stream(server.port, "/v1/completions", {**body, "prompt_logprobs": 2})
+                  if e != "[DONE]"]
+        assert events[0]["choices"][0]["prompt_logprobs"] == choice["prompt_logprobs"]
+        assert all("prompt_logprobs" not in e["choices"][0] for e in events[1:])
+
+        # echo + logprobs: the prompt tokens lead the logprobs, the first one without a logprob.
+        status, resp = request(server.port, "POST", "/v1/completions", {**body, "echo": True, "logprobs": 1})
+        assert status == 200, resp
+        lps = resp["choices"][0]["logprobs"]
+        assert len(lps["tokens"]) == len(prompt) + 3
+        assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+        for p in range(len(prompt) - 1):
+            assert lps["token_logprobs"][p + 1] == pytest.approx(ref[p, prompt[p + 1]].item(), abs=ATOL)
+            assert len(lps["top_logprobs"][p + 1]) in (1, 2)  # the top-1 and the prompt token
+            assert max(lps["top_logprobs"][p + 1].values()) == pytest.approx(ref[p].max().item(), abs=ATOL)
+
+        status, resp = request(server.port, "POST", "/v1/completions", {**body, "prompt_logprobs": 21})
+        assert status == 400 and resp["error"]["param"] == "prompt_logprobs"
+    finally:
+        server.stop()
