@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.engine.input_processor import ProcessedPrompt, child_request_id
 from minivllm.engine.messages import EngineCoreOutput
-from minivllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
+from minivllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
