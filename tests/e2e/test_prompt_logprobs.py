@@ -168,6 +168,12 @@ def test_openai_server_prompt_logprobs_and_echo_with_logprobs(async_engine, hf_m
             assert lps["token_logprobs"][p + 1] == pytest.approx(ref[p, prompt[p + 1]].item(), abs=ATOL)
             assert len(lps["top_logprobs"][p + 1]) in (1, 2)  # the top-1 and the prompt token
             assert max(lps["top_logprobs"][p + 1].values()) == pytest.approx(ref[p].max().item(), abs=ATOL)
+        # Streamed, the echo chunk holds the prompt's part of them.
+        events = [json.loads(e) for e in stream(server.port, "/v1/completions", {**body, "echo": True, "logprobs": 1})
+                  if e != "[DONE]"]
+        echoed = events[0]["choices"][0]["logprobs"]
+        assert echoed["token_logprobs"] == lps["token_logprobs"][:len(prompt)]
+        assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[1:]) == 3
 
         status, resp = request(server.port, "POST", "/v1/completions", {**body, "prompt_logprobs": 21})
         assert status == 400 and resp["error"]["param"] == "prompt_logprobs"
