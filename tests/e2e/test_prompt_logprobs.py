@@ -34,7 +34,7 @@ def check_against_hf(prompt_logprobs, prompt: list[int], num_top: int, ref: torc
         entry, row, token = prompt_logprobs[p + 1], ref[p], prompt[p + 1]
         assert all(isinstance(lp, Logprob) for lp in entry.values())
         assert entry[token].logprob == pytest.approx(row[token].item(), abs=ATOL)
-        assert entry[token].rank == int((row >= row[token] - 1e-6).sum())  # ties broken alike: none here
+        assert entry[token].rank == int((row >= row[token] - 1e-6).sum())  # tokens at least as likely
         top_lp, top_ids = row.topk(num_top)
         others = set(entry) - set(top_ids.tolist())
         assert others <= {token} and len(entry) == num_top + len(others)
