@@ -73,6 +73,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
     error: str | None = None
-    # vLLM's field; None: the engine computes no prompt logprobs (SamplingParams has no
-    # ``prompt_logprobs``), so there is never anything to put here yet.
+    # With ``SamplingParams.prompt_logprobs``: None for the first prompt token, then per prompt
+    # token ``{token id: Logprob}`` with that token (its rank over the whole vocabulary) and the
+    # top-N. None when not asked for (and, in delta outputs, after the first that carried them).
     prompt_logprobs: PromptLogprobs | None = None

@@ -52,7 +52,9 @@ class SamplingParams:
     ``temperature=0`` means greedy (positive values below 0.01 are raised to 0.01).
     ``top_k=0`` or ``-1`` disables top-k. ``seed`` makes the request's sampling reproducible
     whatever else runs in the same batch. ``logprobs=N`` returns the top-N log-probabilities
-    (plus the sampled token's) at every step. Bad values raise ValueError naming the field.
+    (plus the sampled token's) at every step; ``prompt_logprobs=N`` returns, for every prompt
+    token after the first, its own log-probability plus the top-N (the request then skips the
+    prefix cache: cached tokens have no logits). Bad values raise ValueError naming the field.
     """
 
     n: int = 1
@@ -67,6 +69,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -117,6 +120,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         check(self.logprobs is None or int_in(self.logprobs, 0, MAX_LOGPROBS), "logprobs",
               f"an integer in [0, {MAX_LOGPROBS}] or None")
+        check(self.prompt_logprobs is None or int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
+              "prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
         check(float_in(self.repetition_penalty, 0, 2, lo_open=True), "repetition_penalty", "in (0, 2]")
         check(float_in(self.presence_penalty, -2, 2), "presence_penalty", "in [-2, 2]")
         check(float_in(self.frequency_penalty, -2, 2), "frequency_penalty", "in [-2, 2]")

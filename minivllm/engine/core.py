@@ -128,18 +128,24 @@ class EngineCore:
 
     def _update(self, sched: SchedulerOutput, future: StepFuture, result: EngineCoreOutputs) -> None:
         output = future.result()
+        for rid, chunk in output.prompt_logprobs.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                req.add_prompt_logprobs(chunk.start, chunk.logprobs, chunk.ranks)
         for req, i in self.scheduler.update_from_output(sched, output):
             token = output.token_ids[i]
             finish, stop_reason = self._check_stop(req, token)
             lps, slp = output.logprobs[i], output.sampled_logprobs[i]
             rank = output.sampled_ranks[i] if output.sampled_ranks is not None else None
+            prompt_lps, prompt_ranks = req.take_prompt_logprobs() or (None, None)
             result.outputs.append(EngineCoreOutput(
                 request_id=req.request_id, new_token_ids=[token],
                 new_logprobs=[lps] if lps is not None else None,
                 new_sampled_logprobs=[slp] if slp is not None else None,
                 new_sampled_ranks=[rank] if rank is not None else None,
                 finish_reason=finish, stop_reason=stop_reason,
-                num_cached_tokens=req.num_cached_tokens))
+                num_cached_tokens=req.num_cached_tokens,
+                prompt_logprobs=prompt_lps, prompt_logprob_ranks=prompt_ranks))
             if finish is not None:
                 self.scheduler.finish(req, finish, stop_reason)
         finish_pooled(self.scheduler, output, result)

@@ -22,6 +22,11 @@ class EngineCoreOutput:
     error: str | None = None
     # A pooling request's result (class scores or embedding), with finish_reason "stop".
     pooled: list[float] | None = None
+    # With the first token of a request that asked for prompt logprobs: one entry per prompt
+    # position 0 .. P-2 (``{token id: logprob}``, top-N most likely first, then prompt token
+    # ``p + 1`` when not among them), and that prompt token's rank at each position.
+    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_logprob_ranks: list[int] | None = None
 
 
 @dataclass

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.engine.input_processor import ProcessedPrompt, child_request_id
 from minivllm.engine.messages import EngineCoreOutput
-from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from minivllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,10 @@ class _RequestState:
     output_kind: str = "final"
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed: its message for the caller
+    # With ``params.prompt_logprobs``: set from the first core output that carries them (with
+    # n > 1 every sequence computes them; the first to arrive wins). Delta outputs carry them once.
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -120,6 +130,8 @@ class OutputProcessor:
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
+        if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+            state.prompt_logprobs = self._prompt_logprobs(state.prompt.prompt_token_ids, out)
         seq.token_ids.extend(out.new_token_ids)
         if seq.logprobs is not None and out.new_logprobs:
             ranks = out.new_sampled_ranks or [None] * len(out.new_logprobs)
@@ -150,6 +162,15 @@ class OutputProcessor:
             rank = sampled_rank if tid == sampled_id else position + 1
             entry[tid] = Logprob(lp, rank, self._decode_token(tid))
         return entry
+
+    def _prompt_logprobs(self, prompt_ids: list[int], out: EngineCoreOutput) -> PromptLogprobs:
+        """vLLM's shape: None for the first prompt token (nothing predicts it), then per
+        token ``{token id: Logprob}`` with the top-N and the prompt token itself."""
+        ranks = out.prompt_logprob_ranks or [None] * len(out.prompt_logprobs)
+        result: PromptLogprobs = [None]
+        for p, (step, rank) in enumerate(zip(out.prompt_logprobs, ranks)):
+            result.append(self._logprobs(step, prompt_ids[p + 1], rank))
+        return result
 
     def _decode_token(self, token_id: int) -> str | None:
         if self.tokenizer is None:
@@ -203,11 +224,15 @@ class OutputProcessor:
             outs.append(CompletionOutput(
                 index=s.index, text=text, token_ids=token_ids, finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason, logprobs=logprobs, cumulative_logprob=s.cumulative_logprob))
+        prompt_logprobs = state.prompt_logprobs
+        if delta and prompt_logprobs is not None:
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=state.request_id, prompt=state.prompt.prompt,
             prompt_token_ids=list(state.prompt.prompt_token_ids), outputs=outs,
             finished=finished, num_cached_tokens=state.num_cached_tokens,
-            metrics=state.metrics, error=state.error)
+            metrics=state.metrics, error=state.error, prompt_logprobs=prompt_logprobs)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states

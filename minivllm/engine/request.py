@@ -48,6 +48,38 @@ class Request:
     num_blocks_sent: int = 0  # leading ``block_ids`` the model runner already has
     # Set for classify/embed requests: prefill only, the pooled hidden state is the output.
     pooling_params: PoolingParams | None = None
+    # With ``params.prompt_logprobs``: the prompt logprobs received so far (one entry per
+    # prompt position from 0, see ``PromptLogprobsChunk``), sent with the first output token.
+    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_logprob_ranks: list[int] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and self.pooling_params is None
+
+    def add_prompt_logprobs(self, start: int, logprobs: list[dict[int, float]], ranks: list[int]) -> None:
+        """Append a step's chunk of prompt logprobs. Positions already held or sent (a prompt
+        computed again after a preemption) are dropped, so each position counts once."""
+        if self.prompt_logprobs_sent:
+            return
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs, self.prompt_logprob_ranks = [], []
+        skip = len(self.prompt_logprobs) - start
+        if skip < 0:
+            raise RuntimeError(f"prompt logprobs of request {self.request_id!r} skipped positions "
+                               f"{len(self.prompt_logprobs)}..{start - 1}")
+        self.prompt_logprobs.extend(logprobs[skip:])
+        self.prompt_logprob_ranks.extend(ranks[skip:])
+
+    def take_prompt_logprobs(self) -> tuple[list[dict[int, float]], list[int]] | None:
+        """The whole prompt's logprobs, once (with the first output token); None otherwise."""
+        if not self.wants_prompt_logprobs or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        lps, ranks = self.prompt_logprobs or [], self.prompt_logprob_ranks or []
+        self.prompt_logprobs = self.prompt_logprob_ranks = None
+        return lps, ranks
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -106,10 +106,11 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_placeholders:
                 break  # preempted with a token in flight: resume once it has arrived
-            # Mean pooling needs every token's hidden state: a cached prefix would skip some.
+            # Mean pooling needs every token's hidden state, prompt logprobs every prompt
+            # token's logits: a cached prefix would skip some (as in vLLM, no lookup then).
             pooling = req.pooling_params
-            cached = ([] if pooling is not None and pooling.pooling_type == "mean"
-                      else self.kv.find_cached_prefix(req))
+            cached = ([] if (pooling is not None and pooling.pooling_type == "mean")
+                      or req.wants_prompt_logprobs else self.kv.find_cached_prefix(req))
             num_cached_tokens = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_cached_tokens, budget)
             if not self.kv.allocate(req, num_new, cached):

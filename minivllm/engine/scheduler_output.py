@@ -64,6 +64,21 @@ class SchedulerOutput:
 
 
 @dataclass
+class PromptLogprobsChunk:
+    """Prompt logprobs computed by one step for one request (its chunk of the prompt).
+
+    Entry ``i`` is for prompt position ``start + i``, i.e. how likely the model found prompt
+    token ``start + i + 1`` there: ``{token id: logprob}`` with the top-N most likely first,
+    then that prompt token when it is not among them; ``ranks[i]`` is that token's 1-based
+    rank over the whole vocabulary.
+    """
+
+    start: int
+    logprobs: list[dict[int, float]]
+    ranks: list[int]
+
+
+@dataclass
 class ModelRunnerOutput:
     """Tokens sampled by one step, for the rows in ``SchedulerOutput.sampling_rows`` order."""
 
@@ -76,3 +91,5 @@ class ModelRunnerOutput:
     # Pooling requests finished by this step, and each one's pooled output (see pooling/).
     pooled_req_ids: list[str] = field(default_factory=list)
     pooled: list[list[float]] = field(default_factory=list)
+    # Requests with ``prompt_logprobs`` whose chunk this step scored prompt positions of.
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from minivllm.models.loader import load_model
 from minivllm.pooling.pooler import Pooler
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
 from minivllm.runner.input_batch import InputBatch, PreviousSample
+from minivllm.runner.prompt_logprobs import PromptLogprobsRows
 from minivllm.runner.step_handle import StepHandle
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ModelRunner:
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
         self.pooler = Pooler(self.model)  # classify/embed requests (idle for generative models)
+        self.prompt_logprobs = PromptLogprobsRows()  # requests that asked for prompt logprobs
         self.max_position = max_position
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
@@ -213,6 +215,7 @@ class ModelRunner:
         for rid, block_ids in step.new_block_ids.items():
             batch.append_blocks(rid, block_ids)
         self.pooler.update(step)
+        self.prompt_logprobs.update(step)
         if step.is_empty:
             return StepHandle.empty()
         inputs = batch.prepare(step, self.prev_sample)
@@ -228,9 +231,11 @@ class ModelRunner:
         if pooled is not None:  # classify/embed engines: no request samples
             self.prev_sample = None
             return pooled.attach(StepHandle.empty())
+        plp = (self.prompt_logprobs.compute(step, hidden, self.model.compute_logits)
+               if self.prompt_logprobs.active else None)
         if not len(inputs.sample_rows):
             self.prev_sample = None
-            return StepHandle.empty()
+            return StepHandle.empty(plp)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         md = batch.sampling.metadata(inputs.sample_rows, inputs.sample_rows_dev)
         out = self.sampler(logits, md)
@@ -240,4 +245,4 @@ class ModelRunner:
         self.prev_sample = PreviousSample(out.sampled_token_ids,
                                           {rid: i for i, rid in enumerate(req_ids)})
         wanted = [batch.sampling.num_logprobs[r] for r in inputs.sample_rows.tolist()]
-        return StepHandle(req_ids, out, wanted, self.device)
+        return StepHandle(req_ids, out, wanted, self.device, plp)

@@ -6,14 +6,16 @@ import torch
 
 from minivllm.engine.scheduler_output import ModelRunnerOutput
 from minivllm.layers.sampler import SamplerOutput
+from minivllm.runner.prompt_logprobs import PendingPromptLogprobs
 
 
 class StepHandle:
     """A launched step's sampled tokens, copied to the host without blocking the launch."""
 
     def __init__(self, req_ids: list[str], out: SamplerOutput | None, num_logprobs: list[int],
-                 device: torch.device) -> None:
+                 device: torch.device, prompt_logprobs: PendingPromptLogprobs | None = None) -> None:
         self.req_ids = req_ids
+        self.prompt_logprobs = prompt_logprobs
         self.num_logprobs = num_logprobs
         self._host: list[torch.Tensor | None] = []
         self._event = None
@@ -29,11 +31,18 @@ class StepHandle:
             self._host = list(tensors)
 
     @classmethod
-    def empty(cls) -> "StepHandle":
-        return cls([], None, [], torch.device("cpu"))
+    def empty(cls, prompt_logprobs: PendingPromptLogprobs | None = None) -> "StepHandle":
+        """A step that sampled nothing (it may still have scored prompt positions)."""
+        return cls([], None, [], torch.device("cpu"), prompt_logprobs)
 
     def result(self) -> ModelRunnerOutput:
         """Wait for the step (the engine's one device→host sync) and return its tokens."""
+        output = self._sampled()
+        if self.prompt_logprobs is not None:
+            output.prompt_logprobs = self.prompt_logprobs.result()
+        return output
+
+    def _sampled(self) -> ModelRunnerOutput:
         if not self.req_ids:
             return ModelRunnerOutput([], [], [], [])
         if self._event is not None:

@@ -37,7 +37,7 @@ def test_greedy_logprobs_are_logprob_objects_with_rank_and_text(smol_llm):
         total += step[tid].logprob
     assert c.cumulative_logprob == pytest.approx(total, abs=1e-4)
     assert c.finished() is True and out.finished is True
-    assert out.prompt_logprobs is None  # the engine computes no prompt logprobs
+    assert out.prompt_logprobs is None  # not asked for
 
 
 def test_sampled_token_outside_the_top_n_keeps_its_vocabulary_rank(tiny_model_dirs):

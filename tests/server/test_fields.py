@@ -150,8 +150,6 @@ def test_stream_include_usage(client):
 REFUSED = [
     ("completions", {"suffix": "the end"}, "suffix"),
     ("completions", {"logit_bias": {"5": 10}}, "logit_bias"),
-    ("completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("completions", {"echo": True, "logprobs": 2}, "echo"),
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"guided_json": {"type": "object"}}, "guided_json"),
     ("completions", {"use_beam_search": True}, "use_beam_search"),
@@ -161,6 +159,7 @@ REFUSED = [
     ("chat", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("chat", {"echo": True}, "echo"),
+    ("chat", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("chat", {"chat_template": "{{ messages }}"}, "chat_template"),
     ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
 ]

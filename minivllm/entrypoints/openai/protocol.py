@@ -69,7 +69,6 @@ _COMMON_REFUSED = {
     "guided_grammar": _refuse(_STRUCTURED),
     "guided_decoding_backend": _refuse(_STRUCTURED),
     "guided_whitespace_pattern": _refuse(_STRUCTURED),
-    "prompt_logprobs": _refuse("prompt_logprobs is not supported (the engine computes no prompt logprobs)"),
     "use_beam_search": _refuse("beam search is not supported"),
     "length_penalty": _refuse("length_penalty (beam search) is not supported", lambda v: v in (None, 1, 1.0)),
     "allowed_token_ids": _refuse("allowed_token_ids is not supported"),
@@ -105,6 +104,7 @@ REFUSED_CHAT_FIELDS = {
     "chat_template": _refuse("a per-request chat_template is not supported; start the server "
                              "with --chat-template"),
     "echo": _refuse("echo is not supported for chat completions"),
+    "prompt_logprobs": _refuse("prompt_logprobs is supported on /v1/completions only"),
     "reasoning_effort": _refuse("reasoning_effort is not supported"),
 }
 
@@ -162,14 +162,16 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's view of this request (ValueError → 400 for out-of-range values)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                  "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
                  "min_tokens", "skip_special_tokens", "include_stop_str_in_output")
         kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  **kwargs)
         except (TypeError, OverflowError) as e:
             raise RequestError(f"bad sampling parameters: {e}") from e
         except ValueError as e:
@@ -183,6 +185,8 @@ class CompletionRequest(_Request):
     max_tokens: PositiveInt64 | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+    # vLLM's extension: the prompt tokens' logprobs (plus the top-N) in ``choices[i].prompt_logprobs``.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     refused_fields: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = REFUSED_COMPLETION_FIELDS
 
@@ -211,9 +215,6 @@ class CompletionRequest(_Request):
 
     def check_refused(self) -> None:
         super().check_refused()
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs needs prompt logprobs, which are not supported",
-                               param="echo")
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             raise RequestError("continuous_usage_stats is not supported", param="stream_options")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from minivllm.outputs import CompletionOutput, Logprob, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
@@ -36,20 +36,42 @@ def _ranked(step: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
     return sorted(step.items(), key=lambda x: -x[1].logprob)
 
 
-def completion_logprobs(c: CompletionOutput, tokenizer: Any) -> dict[str, Any] | None:
-    """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+def completion_logprobs(c: CompletionOutput, tokenizer: Any,
+                        echoed: tuple[list[int], PromptLogprobs] | None = None,
+                        num_top: int | None = None) -> dict[str, Any] | None:
+    """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset).
+
+    ``echoed``: with ``echo``, the prompt's token ids and prompt logprobs, listed before the
+    completion's tokens (the first prompt token has no logprob: null entries, as in vLLM).
+    ``num_top`` keeps, at each token, only the ``num_top`` most likely plus the token itself.
+    """
     if c.logprobs is None:
         return None
     tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
-    for tid, step in zip(c.token_ids, c.logprobs):
-        sampled = step.get(tid)
-        s = _token(tokenizer, tid, sampled)
+    steps = list(zip(*echoed)) if echoed is not None else []
+    for tid, step in steps + list(zip(c.token_ids, c.logprobs)):
+        own = step.get(tid) if step is not None else None
+        s = _token(tokenizer, tid, own)
         tokens.append(s)
-        token_lps.append(sampled.logprob if sampled is not None else None)
-        tops.append({_token(tokenizer, t, lp): lp.logprob for t, lp in _ranked(step)})
+        token_lps.append(own.logprob if own is not None else None)
+        if step is None:
+            tops.append(None)
+        else:
+            tops.append({_token(tokenizer, t, lp): lp.logprob for t, lp in _ranked(step)
+                         if num_top is None or t == tid or (lp.rank or 0) <= num_top})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(plp: PromptLogprobs | None, tokenizer: Any) -> list[Any] | None:
+    """vLLM's ``choices[i].prompt_logprobs``: null for the first prompt token, then per token
+    ``{"<token id>": {"logprob", "rank", "decoded_token"}}``."""
+    if plp is None:
+        return None
+    return [None if step is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": _token(tokenizer, t, lp)}
+             for t, lp in step.items()} for step in plp]
 
 
 def _chat_entry(tokenizer: Any, token_id: int, lp: Logprob | None) -> dict[str, Any]:
@@ -74,15 +96,21 @@ def chat_logprobs(c: CompletionOutput, tokenizer: Any, num_top: int) -> dict[str
     return {"content": content}
 
 
-def _completion_choice(index: int, c: CompletionOutput, tokenizer: Any, prefix: str) -> dict[str, Any]:
-    return {"index": index, "text": prefix + c.text, "logprobs": completion_logprobs(c, tokenizer),
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_ids": c.token_ids}
+def _completion_choice(index: int, out: RequestOutput, c: CompletionOutput, tokenizer: Any, prefix: str | None,
+                       num_logprobs: int | None) -> dict[str, Any]:
+    """``prefix``: the echoed prompt text (None without echo)."""
+    echoed = (out.prompt_token_ids, out.prompt_logprobs) if prefix is not None and out.prompt_logprobs else None
+    return {"index": index, "text": (prefix or "") + c.text,
+            "logprobs": completion_logprobs(c, tokenizer, echoed, num_logprobs),
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "token_ids": c.token_ids,
+            "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs, tokenizer)}
 
 
 def completion_response(rid: str, model: str, outs: list[RequestOutput], tokenizer: Any, n: int,
-                        echo_prefixes: list[str] | None = None) -> dict[str, Any]:
+                        echo_prefixes: list[str] | None = None, num_logprobs: int | None = None) -> dict[str, Any]:
     """One response for one prompt or a batch: prompt ``i``'s choice ``j`` has index ``i * n + j``."""
-    choices = [_completion_choice(i * n + c.index, c, tokenizer, echo_prefixes[i] if echo_prefixes else "")
+    choices = [_completion_choice(i * n + c.index, out, c, tokenizer, echo_prefixes[i] if echo_prefixes else None,
+                                  num_logprobs)
                for i, out in enumerate(outs) for c in out.outputs]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices,
@@ -103,12 +131,15 @@ def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any,
 
 
 def completion_chunk(rid: str, model: str, created: int, index: int, c: CompletionOutput,
-                     tokenizer: Any, prefix: str = "") -> dict[str, Any]:
-    """One streamed ``/v1/completions`` chunk for choice ``index``."""
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": prefix + c.text,
-                         "logprobs": completion_logprobs(c, tokenizer),
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                     tokenizer: Any, prefix: str = "", prompt_logprobs: PromptLogprobs | None = None,
+                     echoed: tuple[list[int], PromptLogprobs] | None = None) -> dict[str, Any]:
+    """One streamed ``/v1/completions`` chunk for choice ``index``; ``prompt_logprobs`` go in the
+    first chunk of each choice, ``echoed`` prompt tokens lead the logprobs of the echo chunk."""
+    choice = {"index": index, "text": prefix + c.text, "logprobs": completion_logprobs(c, tokenizer, echoed),
+              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs, tokenizer)
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
@@ -131,12 +162,14 @@ def usage_chunk(rid: str, obj: str, model: str, created: int, prompt_tokens: int
 
 
 def delta_chunks(rid: str, model: str, created: int, index: int, c: CompletionOutput, tokenizer: Any,
-                 chat: bool, num_top_logprobs: int | None) -> list[dict[str, Any]]:
-    """The SSE chunks for one completion's delta (none while text is held back for a stop string)."""
+                 chat: bool, num_top_logprobs: int | None,
+                 prompt_logprobs: PromptLogprobs | None = None) -> list[dict[str, Any]]:
+    """The SSE chunks for one completion's delta (none while text is held back for a stop string).
+    ``prompt_logprobs`` (completions): a chunk is sent for them even without new text."""
     has_new = bool(c.text) or (c.logprobs is not None and bool(c.token_ids))
     if not chat:
-        if has_new or c.finish_reason is not None:
-            return [completion_chunk(rid, model, created, index, c, tokenizer)]
+        if has_new or c.finish_reason is not None or prompt_logprobs is not None:
+            return [completion_chunk(rid, model, created, index, c, tokenizer, prompt_logprobs=prompt_logprobs)]
         return []
     chunks = []
     if has_new:

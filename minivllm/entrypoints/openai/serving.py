@@ -42,7 +42,7 @@ from minivllm.entrypoints.openai.protocol import (
     parse_request,
 )
 from minivllm.entrypoints.openai.settings import ServerSettings
-from minivllm.outputs import RequestOutput
+from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("minivllm.server")
@@ -220,7 +220,11 @@ class OpenAIServing:
         self.check_model(req.model)
         prompts = req.prompts()
         self._check_counts(req.n, len(prompts))
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        # echo with logprobs lists the prompt tokens' logprobs too: the engine computes them.
+        prompt_logprobs = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs)
         for p in prompts:
             if isinstance(p, str):
                 self.prompts.check_chars(len(p), "prompt")
@@ -325,7 +329,7 @@ class OpenAIServing:
                                                          self.tokenizer, job.num_top_logprobs))
         echo = [self._echo_text(p) for p in job.prompts] if job.echo else None
         return json_response(responses.completion_response(job.rid, self.served_model_name, finals,
-                                                           self.tokenizer, job.params.n, echo))
+                                                           self.tokenizer, job.params.n, echo, job.params.logprobs))
 
     def _echo_text(self, prompt: Prompt) -> str:
         if prompt.text is not None:
@@ -351,18 +355,24 @@ class OpenAIServing:
         if job.chat:
             for j in range(n):
                 yield _sse(responses.chat_chunk(job.rid, model, created, j, {"role": "assistant", "content": ""}))
+        # Prompt logprobs arrive with each prompt's first output; each choice sends them once.
+        prompt_lps = [f.prompt_logprobs for f in firsts]
         if job.echo:
             for i, p in enumerate(job.prompts):
                 text = self._echo_text(p)
+                echoed = None
+                if job.params.logprobs is not None and prompt_lps[i] is not None:
+                    echoed = (p.token_ids, prompt_lps[i])
                 for j in range(n):
-                    yield _sse({"id": job.rid, "object": obj, "created": created, "model": model,
-                                "choices": [{"index": i * n + j, "text": text, "logprobs": None,
-                                             "finish_reason": None}]})
+                    empty = CompletionOutput(j, "", [], logprobs=[] if echoed is not None else None)
+                    yield _sse(responses.completion_chunk(job.rid, model, created, i * n + j, empty, tok,
+                                                          prefix=text, echoed=echoed))
         pumps = [asyncio.ensure_future(pump(i, f, g)) for i, (f, g) in enumerate(zip(firsts, gens))]
         lengths = [[0] * n for _ in job.prompts]
         reasons: list[list[str | None]] = [[None] * n for _ in job.prompts]
         timing = [f.metrics for f in firsts]
         remaining, failed, last_step = len(pumps), None, None
+        plp_sent: set[tuple[int, int]] = set()
         try:
             while remaining and failed is None:
                 i, item = await queue.get()
@@ -381,8 +391,12 @@ class OpenAIServing:
                     lengths[i][c.index] += len(c.token_ids)
                     if c.finish_reason is not None:
                         reasons[i][c.index] = c.finish_reason
+                    plp = None
+                    if not job.chat and job.params.prompt_logprobs is not None and (i, c.index) not in plp_sent:
+                        plp = prompt_lps[i]
+                        plp_sent.add((i, c.index))
                     for chunk in responses.delta_chunks(job.rid, model, created, i * n + c.index, c, tok,
-                                                        job.chat, job.num_top_logprobs):
+                                                        job.chat, job.num_top_logprobs, plp):
                         yield _sse(chunk)
         finally:
             # No await in here: when the client is gone this runs inside a cancelled anyio scope,
