@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from minivllm.attention.kv_cache import LayerKVCache
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.attention.torch_ref import TorchReferenceBackend
 from minivllm.config import ModelArchConfig
@@ -33,7 +34,7 @@ def next_token_logprobs(arch: ModelArchConfig, model: torch.nn.Module, ids: list
     num_blocks = -(-n // BLOCK_SIZE)
     dtype = model.embed_tokens.weight.dtype
     shape = (num_blocks, BLOCK_SIZE, model.num_local_kv_heads, arch.head_dim)
-    kv = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    kv = [LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
           for _ in range(arch.num_hidden_layers)]
     qsl = torch.tensor([0, n], dtype=torch.int32)
     seq_lens = torch.tensor([n], dtype=torch.int32)
