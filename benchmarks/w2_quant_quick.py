@@ -1,0 +1,40 @@
+"""W2 decode rate (128 prompt ids, 256 greedy tokens) of minivllm alone, bf16 vs quantised
+weights on the same dummy config — the short form of ``latency.py --workload w2
+--quantization`` for a device budget that cannot also run the HF peer.
+
+    PYTHONPATH=. python benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8 int8
+"""
+import gc
+import sys
+import time
+
+import torch
+
+from minivllm import LLM, SamplingParams
+
+
+def decode_tok_s(model: str, quantization: str | None) -> float:
+    llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=1024,
+              quantization=quantization, skip_tokenizer_init=True, gpu_memory_utilization=0.6)
+    prompt = {"prompt_token_ids": torch.randint(0, 10000, (128,)).tolist()}
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    times = {}
+    for n in (1, 256):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        torch.cuda.synchronize()
+        times[n] = time.perf_counter() - t
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return 255 / (times[256] - times[1])
+
+
+if __name__ == "__main__":
+    model, modes = sys.argv[1], [None] + sys.argv[2:]
+    base = None
+    for mode in modes:
+        rate = decode_tok_s(model, mode)
+        base = base or rate
+        print(f"| {model} | {mode or 'bf16'} | {rate:.0f} decode tok/s | {rate / base:.2f}x |", flush=True)
