@@ -5,8 +5,12 @@
 #   On the device (run tool, carry [".whl"]):  bash benchmarks/gpu_session.sh [quick|full]
 #
 # quick (default): GPU tests (engine vs HF fp32, Triton vs torch, graphs vs eager, overlap vs
-# sync, no Triton JIT after start-up, AsyncLLM), then W1 (benchmarks/w1.py) and W2 (w2.py).
+# sync, no Triton JIT after start-up, AsyncLLM, pooling, FP8 KV, quantised weights, prompt
+# logprobs), then W1 (benchmarks/w1.py) and W2 (w2.py). ~8 min on an H100.
 # full: also the kernel tests in bf16 and benchmarks/kernels.py (~3 more minutes).
+# quant: W1 with an FP8 KV cache and W2 with fp8/int8 weights on 4B and 8B (issue 11), ~6 min.
+# serve: the serving benchmark (W1 over HTTP) and the classification benchmark, ~4 min.
+# The serve stack (fastapi, uvicorn, pydantic, ...) must be in .whl too: see ../shared/device/wheels.sh.
 # Set MINIVLLM_GIT_COMMIT=<sha> (the tree travels without .git) for the result files.
 # Full logs and JSON land in $OUT (or ./gpu-out when $OUT is unset).
 set -uo pipefail
@@ -29,13 +33,26 @@ run() {  # run NAME CMD...: log to $out/NAME.log, remember pass/fail and the las
   local rc=$?
   summary+=("| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED ($rc)") | $((SECONDS - start)) s | $(tail -n 1 "$out/$name.log" | cut -c1-120) |")
 }
-run gpu-tests python3 -m pytest -q -s tests/gpu
 export MINIVLLM_GIT_COMMIT=${MINIVLLM_GIT_COMMIT:-unknown}
-run w1 python3 benchmarks/throughput.py --workload w1 --out "$out"
-run w2 python3 benchmarks/latency.py --workload w2 --out "$out"
-if [ "$mode" = full ]; then
-  run kernel-tests python3 -m pytest -q -s tests/kernels
-  run kernels python3 benchmarks/kernels.py --out "$out"
-fi
-grep -hE "identical|logprob - HF|compilations" "$out/gpu-tests.log" || true
+case "$mode" in
+  quick|full)
+    run gpu-tests python3 -m pytest -q -s tests/gpu
+    run w1 python3 benchmarks/throughput.py --workload w1 --out "$out"
+    run w2 python3 benchmarks/latency.py --workload w2 --out "$out"
+    if [ "$mode" = full ]; then
+      run kernel-tests python3 -m pytest -q -s tests/kernels
+      run kernels python3 benchmarks/kernels.py --out "$out"
+    fi ;;
+  quant)
+    run w1-auto python3 benchmarks/throughput.py --workload w1 --hf-prompts 0 --out "$out"
+    run w1-kvfp8 python3 benchmarks/throughput.py --workload w1 --kv-cache-dtype fp8 --hf-prompts 0 --out "$out"
+    run w2-4b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8 int8
+    run w2-8b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-8b fp8 int8 ;;
+  serve)
+    run serving python3 benchmarks/serving.py --model benchmarks/models/qwen3-0.6b --dtype bfloat16 --out "$out"
+    run classify python3 benchmarks/classify.py --out "$out" ;;
+  *) echo "unknown mode $mode (quick, full, quant, serve)" >&2; exit 2 ;;
+esac
+grep -hE "identical|logprob - HF|compilations|cosine error|mean \|" "$out/gpu-tests.log" 2>/dev/null || true
+grep -h "^|" "$out"/w2-*.log 2>/dev/null || true
 printf '%s\n' "| step | status | time | last line |" "|---|---|---|---|" "${summary[@]}"
