@@ -10,8 +10,9 @@ import triton
 import triton.language as tl
 
 from minivllm.attention.kv_cache import is_fp8
-from minivllm.kernels.common import check_cache_pair, check_kv_scales, next_pow2
+from minivllm.kernels.common import check_cache_pair, check_kv_scales, next_pow2, pdl_options
 from minivllm.kernels.fp8 import emulate_fp8_cast, quantize_fp8_e4m3
+from minivllm.kernels.pdl import pdl_enter
 
 
 @triton.jit
@@ -21,8 +22,9 @@ def _store_kv_kernel(
     stride_c_block, stride_c_slot, stride_c_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
-    KV_FP8: tl.constexpr, EMULATE_FP8_CAST: tl.constexpr,
+    KV_FP8: tl.constexpr, EMULATE_FP8_CAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     # One program per token: one row of Hkv * D elements for K and one for V.
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -87,5 +89,5 @@ def store_kv(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         HEADS_PAD=next_pow2(num_kv_heads), DIM_PAD=next_pow2(head_dim),
         KV_FP8=kv_fp8, EMULATE_FP8_CAST=kv_fp8 and emulate_fp8_cast(k_cache),
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 2,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 2, **pdl_options(k.device),
     )

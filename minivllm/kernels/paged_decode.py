@@ -23,7 +23,8 @@ import triton.language as tl
 
 from minivllm.attention.kv_cache import is_fp8
 from minivllm.kernels.common import (LOG2_E, cdiv, check_attention_inputs, dot_precision,
-                                     next_pow2, num_sms)
+                                     next_pow2, num_sms, pdl_options)
+from minivllm.kernels.pdl import pdl_enter
 
 # Fixed upper bound on splits: bounds the scratch size and the merge's work per output row.
 MAX_NUM_SPLITS = 64
@@ -61,8 +62,9 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,8 +136,9 @@ def _merge_splits_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
     stride_o_tok, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)
@@ -217,13 +220,13 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
         KV_FP8=kv_fp8,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, query_start_loc, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
             NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
-            num_warps=4 if dim_pad >= 128 else 2,
+            num_warps=4 if dim_pad >= 128 else 2, **pdl_options(q.device),
         )
     return out

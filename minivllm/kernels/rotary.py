@@ -17,6 +17,7 @@ import triton.language as tl
 
 from minivllm.kernels.common import (NO_FP_FUSION, cdiv, check_kernel_tensor,
                                      elementwise_num_warps, next_pow2, pdl_options)
+from minivllm.kernels.pdl import pdl_enter
 
 
 # Decode-sized launches get one head per program (more programs in flight, lower latency);
@@ -69,9 +70,7 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, APPLY_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # launched early (see pdl_options): wait for the qkv projection's output
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(USE_PDL)  # launched early (see pdl_options): wait for the qkv projection
     # Grid: (token, head block); the first ceil(Hq / BLOCK_H) head blocks are q's, the rest k's.
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
