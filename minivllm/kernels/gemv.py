@@ -174,7 +174,10 @@ def gemv_config(n: int, k: int, sms: int) -> tuple[int, int, int]:
     Four weight rows per program: the most programs, so the most bytes in flight, which is
     what a bandwidth-bound GEMV needs; wide K tiles (16-byte loads for every thread of 8
     warps) once K allows. Chosen from a sweep on an H100 over Qwen3 0.6B/4B/8B decode shapes
-    (benchmarks/gemv_sweep.py): within 10 % of the best config for each of them.
+    (benchmarks/gemv_sweep.py, results/gemv-sweep-h100-2026-11-25.md): at M=1 within 12 % of
+    the best config for each and never slower than cuBLAS. Tuned for 2-byte weights; 8-bit
+    weights (``scale``) use the same tiles, untuned: there the input row, re-read by every
+    program, weighs as much as the weight tile, so more rows per program may pay.
     """
     block_n = 4 if n >= 4 * sms else 2
     block_k = 1024 if k >= 2048 else 512
