@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--quantization", default="",
                     help="comma-separated weight formats (fp8, int8) to run next to bf16 on the "
                          "same weights, e.g. --quantization fp8")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="minivllm on this many GPUs (the HF peer stays on one)")
     args = ap.parse_args()
     if args.workload == "w2":
         from benchmarks.w2 import run_w2

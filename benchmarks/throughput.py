@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="minivllm's KV cache: model dtype (auto) or float8 e4m3 (fp8)")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                    help="minivllm on this many GPUs (the HF peer stays on one)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workload", choices=["fixed", "w1"], default="fixed",
                     help="fixed: --num-prompts x --input-len/--output-len greedy; w1: see benchmarks/w1.py")
@@ -58,7 +60,7 @@ def main() -> None:
 
     # ---- minivllm ----
     llm = LLM(str(tmp), dtype="bfloat16", enforce_eager=args.enforce_eager, seed=0,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     # Warm-up at the timed run's shapes (a full token budget of prefill, then decode), on other
     # prompts so that the timed run gets no prefix-cache hits from it.

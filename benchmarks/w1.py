@@ -104,8 +104,10 @@ def run_w1(args) -> None:
 
     t = time.perf_counter()
     kv_cache_dtype = getattr(args, "kv_cache_dtype", "auto")
+    tp = getattr(args, "tensor_parallel_size", 1)
     llm = LLM(str(tmp), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0,
-              enforce_eager=args.enforce_eager, kv_cache_dtype=kv_cache_dtype)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=kv_cache_dtype,
+              tensor_parallel_size=tp)
     startup_s = time.perf_counter() - t
     llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], _params([8]), use_tqdm=False)  # the one warm-up
     cold_s, cold_tokens = _timed_generate(llm, *cold_batch)
@@ -144,6 +146,7 @@ def run_w1(args) -> None:
             "output_tokens_cold": cold_tokens, "num_preemptions": stats["num_preemptions"],
             "num_kv_blocks": stats["num_kv_blocks"], "enforce_eager": args.enforce_eager,
             "kv_cache_dtype": kv_cache_dtype,
+            "tensor_parallel_size": tp,
         },
         "peer": peer,
         "floor_output_tok_s": cold_tokens / floor_s, "copy_bw_gbs": bw, "weight_bytes": weight_bytes,
@@ -156,7 +159,8 @@ def run_w1(args) -> None:
              f"| {res['device']} | {ours['output_tok_s_cold']:.0f} | {ours['output_tok_s_warm']:.0f} | "
              f"{ours['gpu_busy_frac']:.0%} | {startup_s:.1f} s | "
              f"{peer['output_tok_s'] or float('nan'):.0f} | {ratio} | {res['floor_output_tok_s']:.0f} |")
-    write_results(args.out, "w1" + ("-kvfp8" if kv_cache_dtype == "fp8" else ""), res, table)
+    write_results(args.out, "w1" + ("-kvfp8" if kv_cache_dtype == "fp8" else "")
+                  + (f"-tp{tp}" if tp > 1 else ""), res, table)
 
 
 def _w1_floor_seconds(batch, weight_bytes: int, kv_per_token: int, bw_gbs: float) -> float:

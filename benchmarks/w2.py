@@ -34,11 +34,12 @@ def _quantized_weight_bytes(hf: torch.nn.Module) -> int:
                for n, p in hf.named_parameters())
 
 
-def _decode_run(path, prompt: list[int], repeats: int, quantization: str | None) -> dict:
+def _decode_run(path, prompt: list[int], repeats: int, quantization: str | None,
+                tp: int = 1) -> dict:
     from minivllm import LLM, SamplingParams
 
     llm = LLM(str(path), dtype="bfloat16", max_num_seqs=8, max_model_len=4096,
-              gpu_memory_utilization=0.5, quantization=quantization)
+              gpu_memory_utilization=0.5, quantization=quantization, tensor_parallel_size=tp)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ttft = best_time_s(lambda: llm.generate([prompt], first, use_tqdm=False), repeats)
@@ -49,14 +50,14 @@ def _decode_run(path, prompt: list[int], repeats: int, quantization: str | None)
 
 
 def _one_model(path: str, repeats: int, device: torch.device, bw_gbs: float,
-               quantizations: tuple[str, ...] = ()) -> dict:
+               quantizations: tuple[str, ...] = (), tp: int = 1) -> dict:
     cfg, hf, tmp, weight_bytes = shared_random_weights(path, device, "minivllm-w2-")
     prompt = torch.randint(0, cfg.vocab_size, (PROMPT_LEN,),
                            generator=torch.Generator().manual_seed(2)).tolist()
-    ours = _decode_run(tmp, prompt, repeats, None)
+    ours = _decode_run(tmp, prompt, repeats, None, tp)
     quantized = {}
     for quant in quantizations:
-        run = _decode_run(tmp, prompt, repeats, quant)
+        run = _decode_run(tmp, prompt, repeats, quant, tp)
         q_bytes = _quantized_weight_bytes(hf)
         run.update(speedup_vs_bf16=run["decode_tok_s"] / ours["decode_tok_s"],
                    weight_bytes=q_bytes, floor_tok_s=bw_gbs * 1e9 / q_bytes)
@@ -88,10 +89,12 @@ def run_w2(args) -> None:
     models = {}
     quants = tuple(q for q in getattr(args, "quantization", "").split(",") if q)
     for name in args.w2_models.split(","):
-        models[name] = _one_model(MODELS[name], args.repeats, device, bw, quants)
+        models[name] = _one_model(MODELS[name], args.repeats, device, bw, quants,
+                                  getattr(args, "tensor_parallel_size", 1))
     res = {"benchmark": "w2", "device": torch.cuda.get_device_name(device),
            "date": datetime.date.today().isoformat(), "prompt_len": PROMPT_LEN,
-           "new_tokens": NEW_TOKENS, "copy_bw_gbs": bw, "models": models}
+           "new_tokens": NEW_TOKENS, "copy_bw_gbs": bw,
+           "tensor_parallel_size": getattr(args, "tensor_parallel_size", 1), "models": models}
     rows = [f"| {name} | {m['minivllm']['decode_tok_s']:.0f} | {m['minivllm']['ttft_s'] * 1e3:.1f} ms | "
             f"{m['peer']['decode_tok_s']:.0f} | {m['minivllm']['decode_tok_s'] / m['peer']['decode_tok_s']:.2f}x | "
             f"{m['floor_tok_s']:.0f} |" for name, m in models.items()]
@@ -103,4 +106,5 @@ def run_w2(args) -> None:
     if quant_rows:
         table += ("\n\n| model | weights | bf16 decode tok/s | quantised decode tok/s | speed-up | "
                   "quantised floor tok/s |\n|---|---|---|---|---|---|\n" + "\n".join(quant_rows))
-    write_results(args.out, "w2", res, table)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    write_results(args.out, "w2" + (f"-tp{tp}" if tp > 1 else ""), res, table)
