@@ -10,7 +10,7 @@ from typing import Any
 
 from minivllm.engine.core import EngineCore
 from minivllm.engine.frontend import build_frontend
-from minivllm.engine.input_processor import ProcessedPrompt, PromptType
+from minivllm.engine.input_processor import ProcessedPrompt, PromptType, as_prompt_list
 from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
 from minivllm.pooling.engine import check_task
@@ -59,7 +59,7 @@ class LLM:
         Raises:
             ValueError: a bad prompt or parameter list; nothing is run and the engine stays usable.
         """
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         processed = [self.input_processor.process_prompt(p) for p in prompt_list]
         return self._run(processed, self._params_list(sampling_params, len(processed)), use_tqdm)
 
@@ -178,16 +178,6 @@ class LLM:
         return run_score(self, text_1, text_2, pooling_params, use_tqdm)
 
 
-def _as_prompt_list(prompts: Any) -> list[PromptType]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise ValueError("no prompts given (an empty list)")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]  # one prompt given as token ids
-        return list(prompts)
-    raise ValueError(f"prompts must be a str, token ids, a dict or a list of them, got {type(prompts).__name__}")
 
 
 class _ProgressBar:

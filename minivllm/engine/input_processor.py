@@ -15,6 +15,23 @@ _CHILD_SEED_STRIDE = 1_000_003
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
+def as_prompt_list(prompts: Any) -> list[PromptType]:
+    """One prompt (text, token ids, dict) or a list of them → a non-empty list.
+
+    Raises:
+        ValueError: an empty list, or something that is not a prompt.
+    """
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given (an empty list)")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a str, token ids, a dict or a list of them, got {type(prompts).__name__}")
+
+
 @dataclass
 class ProcessedPrompt:
     prompt: str | None

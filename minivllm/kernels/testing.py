@@ -100,3 +100,44 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # float32 (interpreter: exact float32 math; CUDA: IEEE dots) lands near 1e-7. float16 output
 # rounding alone is ~2.4e-4 per element (~2e-4 seen). bfloat16 keeps 8 mantissa bits (~3e-3).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def quantize_batch_caches(batch: PagedBatch, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+    """Turn ``batch``'s caches into FP8 (e4m3) ones holding ``cache / scale``, in place."""
+    from minivllm.attention.kv_cache import quantize_fp8
+
+    batch.k_cache = quantize_fp8(batch.k_cache, k_scale)
+    batch.v_cache = quantize_fp8(batch.v_cache, v_scale)
+
+
+def fp8_reference_output(batch: PagedBatch, k_scale: torch.Tensor,
+                         v_scale: torch.Tensor) -> torch.Tensor:
+    """The torch reference over copies of ``batch``'s FP8 caches, float32 queries."""
+    return TorchReferenceBackend().forward(
+        batch.q.float(), batch.k.float(), batch.v.float(), batch.k_cache.clone(),
+        batch.v_cache.clone(), batch.meta, batch.scale, k_scale, v_scale)
+
+
+def run_paged_kernels(batch: PagedBatch, kind: str, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None,
+                      num_splits: int | None = None) -> torch.Tensor:
+    """Store the step's K/V, then run the Triton ``"decode"`` or ``"prefill"`` kernel; its
+    output (``NaN`` where it wrote nothing)."""
+    from minivllm.kernels.kv_store import store_kv
+    from minivllm.kernels.paged_decode import paged_decode_attention
+    from minivllm.kernels.paged_prefill import paged_prefill_attention
+
+    m = batch.meta
+    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping, k_scale, v_scale)
+    out = torch.full_like(batch.q, float("nan"))
+    if kind == "decode":
+        paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
+                               m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
+                               num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    elif kind == "prefill":
+        paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
+                                m.query_start_loc, m.block_tables, m.max_query_len,
+                                batch.scale, k_scale=k_scale, v_scale=v_scale)
+    else:
+        raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
+    return out

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from minivllm.engine.core_client import EngineDeadError
+from minivllm.engine.input_processor import as_prompt_list
 from minivllm.engine.messages import EngineCoreOutput
 from minivllm.pooling.frontend import (
     PoolingFrontend,
-    as_prompt_list,
     make_scores,
     score_pairs,
 )

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from minivllm.config import EngineConfig
-from minivllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from minivllm.engine.input_processor import (InputProcessor, ProcessedPrompt, PromptType,
+                                             as_prompt_list)
 from minivllm.engine.messages import EngineCoreOutput
 from minivllm.engine.request import Request
 from minivllm.engine.scheduler import check_prompt_fits
@@ -53,17 +54,6 @@ def default_pooling_type(model_dir: Path) -> str:
     return "last"
 
 
-def as_prompt_list(prompts: Any) -> list[PromptType]:
-    """One prompt (text, token ids, dict) or a list of them → a non-empty list."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise ValueError("no prompts given (an empty list)")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]
-        return list(prompts)
-    raise ValueError(f"prompts must be a str, token ids, a dict or a list of them, got {type(prompts).__name__}")
 
 
 class PoolingFrontend:

@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from minivllm.engine.input_processor import as_prompt_list
 from minivllm.pooling.frontend import (
     PoolingFrontend,
-    as_prompt_list,
     make_scores,
     score_pairs,
 )

@@ -18,8 +18,8 @@ from minivllm.attention.kv_cache import quantize_fp8
 from minivllm.attention.torch_ref import TorchReferenceBackend
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import paged_decode_attention
-from minivllm.kernels.paged_prefill import paged_prefill_attention
-from minivllm.kernels.testing import REL_TOL, make_paged_batch, relative_error
+from minivllm.kernels.testing import (REL_TOL, fp8_reference_output, make_paged_batch,
+                                      quantize_batch_caches, relative_error, run_paged_kernels)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -40,15 +40,8 @@ def _fp8_batch(seqs, gen, *, block_size=16, group=4, head_dim=128, padding=3):
     k_s, v_s = (0.005 + 0.1 * torch.rand(2, generator=gen)).tolist()
     k_scale = torch.tensor([k_s], device="cuda")
     v_scale = torch.tensor([v_s], device="cuda")
-    batch.k_cache = quantize_fp8(batch.k_cache, k_scale)
-    batch.v_cache = quantize_fp8(batch.v_cache, v_scale)
+    quantize_batch_caches(batch, k_scale, v_scale)
     return batch, k_scale, v_scale
-
-
-def _reference(batch, k_scale, v_scale):
-    return TorchReferenceBackend().forward(
-        batch.q.float(), batch.k.float(), batch.v.float(), batch.k_cache.clone(),
-        batch.v_cache.clone(), batch.meta, batch.scale, k_scale, v_scale)
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
@@ -59,13 +52,8 @@ def test_fp8_decode_bf16(block_size, group, head_dim, num_splits):
     seqs = [(1, 1), (bs - 1, 1), (bs, 1), (bs + 1, 1), (3000, 1), (777, 1)]
     batch, k_scale, v_scale = _fp8_batch(seqs, gen, block_size=bs, group=group,
                                          head_dim=head_dim)
-    ref = _reference(batch, k_scale, v_scale)
-    m = batch.meta
-    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping, k_scale, v_scale)
-    out = torch.full_like(batch.q, float("nan"))
-    paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
-                           m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
-                           num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    ref = fp8_reference_output(batch, k_scale, v_scale)
+    out = run_paged_kernels(batch, "decode", k_scale, v_scale, num_splits)
     err = relative_error(out[:len(seqs)], ref[:len(seqs)])
     assert err < REL_TOL[BF16], err
 
@@ -78,14 +66,9 @@ def test_fp8_prefill_bf16(block_size, group, head_dim):
             (3 * bs + 1, 1)]
     batch, k_scale, v_scale = _fp8_batch(seqs, gen, block_size=bs, group=group,
                                          head_dim=head_dim)
-    ref = _reference(batch, k_scale, v_scale)
-    m = batch.meta
-    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping, k_scale, v_scale)
-    out = torch.full_like(batch.q, float("nan"))
-    paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
-                            m.query_start_loc, m.block_tables, m.max_query_len, batch.scale,
-                            k_scale=k_scale, v_scale=v_scale)
-    n = m.num_actual_tokens
+    ref = fp8_reference_output(batch, k_scale, v_scale)
+    out = run_paged_kernels(batch, "prefill", k_scale, v_scale)
+    n = batch.meta.num_actual_tokens
     err = relative_error(out[:n], ref[:n])
     assert err < REL_TOL[BF16], err
 

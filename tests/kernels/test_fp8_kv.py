@@ -20,8 +20,8 @@ from minivllm.attention.kv_cache import (
 from minivllm.attention.torch_ref import TorchReferenceBackend, store_kv_reference
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import paged_decode_attention
-from minivllm.kernels.paged_prefill import paged_prefill_attention
-from minivllm.kernels.testing import REL_TOL, make_paged_batch, relative_error
+from minivllm.kernels.testing import (REL_TOL, fp8_reference_output, make_paged_batch,
+                                      quantize_batch_caches, relative_error, run_paged_kernels)
 
 F32, F16 = torch.float32, torch.float16
 E4M3_REL_STEP = 2.0 ** -3  # spacing of e4m3 values relative to their magnitude (3 mantissa bits)
@@ -105,17 +105,8 @@ def _fp8_batch(seqs, *, block_size, group, head_dim, dtype, device, generator,
                              head_dim=head_dim, dtype=dtype, device=device,
                              num_padding_tokens=num_padding_tokens, generator=generator)
     k_scale, v_scale = _scales(device, generator)
-    batch.k_cache = quantize_fp8(batch.k_cache, k_scale)
-    batch.v_cache = quantize_fp8(batch.v_cache, v_scale)
+    quantize_batch_caches(batch, k_scale, v_scale)
     return batch, k_scale, v_scale
-
-
-def _reference(batch, k_scale, v_scale):
-    """The torch reference on copies of the FP8 caches, float32 queries."""
-    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-    return TorchReferenceBackend().forward(
-        batch.q.float(), batch.k.float(), batch.v.float(), k_cache, v_cache, batch.meta,
-        batch.scale, k_scale, v_scale)
 
 
 # (block_size, gqa group, head_dim, dtype, decode splits)
@@ -130,13 +121,8 @@ def test_decode_reads_fp8_like_the_reference(block_size, group, head_dim, dtype,
     batch, k_scale, v_scale = _fp8_batch(seqs, block_size=bs, group=group, head_dim=head_dim,
                                          dtype=dtype, device=device, generator=generator,
                                          num_padding_tokens=2)
-    ref = _reference(batch, k_scale, v_scale)
-    m = batch.meta
-    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping, k_scale, v_scale)
-    out = torch.full_like(batch.q, float("nan"))
-    paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
-                           m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
-                           num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    ref = fp8_reference_output(batch, k_scale, v_scale)
+    out = run_paged_kernels(batch, "decode", k_scale, v_scale, num_splits)
     err = relative_error(out[:len(seqs)].cpu(), ref[:len(seqs)].cpu())
     assert err < REL_TOL[dtype], f"relative error {err:.3g}"
 
@@ -150,14 +136,9 @@ def test_prefill_reads_fp8_like_the_reference(block_size, group, head_dim, dtype
     batch, k_scale, v_scale = _fp8_batch(seqs, block_size=bs, group=group, head_dim=head_dim,
                                          dtype=dtype, device=device, generator=generator,
                                          num_padding_tokens=3)
-    ref = _reference(batch, k_scale, v_scale)
-    m = batch.meta
-    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping, k_scale, v_scale)
-    out = torch.full_like(batch.q, float("nan"))
-    paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
-                            m.query_start_loc, m.block_tables, m.max_query_len, batch.scale,
-                            k_scale=k_scale, v_scale=v_scale)
-    n = m.num_actual_tokens
+    ref = fp8_reference_output(batch, k_scale, v_scale)
+    out = run_paged_kernels(batch, "prefill", k_scale, v_scale)
+    n = batch.meta.num_actual_tokens
     err = relative_error(out[:n].cpu(), ref[:n].cpu())
     assert err < REL_TOL[dtype], f"relative error {err:.3g}"
 
