@@ -9,6 +9,8 @@
 # logprobs), then W1 (benchmarks/w1.py) and W2 (w2.py). ~8 min on an H100.
 # full: also the kernel tests in bf16 and benchmarks/kernels.py (~3 more minutes).
 # quant: W1 with an FP8 KV cache and W2 with fp8/int8 weights on 4B and 8B (issue 11), ~6 min.
+# diag: the engine GPU tests, W2 (minivllm only) 0.6B bf16 and 4B bf16 vs fp8, the fp8 GEMV tile sweep (~6 min).
+# w1pair: W1 with the auto and the FP8 KV cache in one run, kernel breakdowns in the JSON (~4 min).
 # serve: the serving benchmark (W1 over HTTP) and the classification benchmark, ~4 min.
 # The serve stack (fastapi, uvicorn, pydantic, ...) must be in .whl too: see ../shared/device/wheels.sh.
 # Set MINIVLLM_GIT_COMMIT=<sha> (the tree travels without .git) for the result files.
@@ -48,11 +50,19 @@ case "$mode" in
     run w1-kvfp8 python3 benchmarks/throughput.py --workload w1 --kv-cache-dtype fp8 --hf-prompts 0 --out "$out"
     run w2-4b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8 int8
     run w2-8b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-8b fp8 int8 ;;
+  diag)
+    run gpu-tests python3 -m pytest -q -s tests/gpu/test_engine_cuda.py tests/gpu/test_fp8_kv.py
+    run w2-06b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-0.6b
+    run w2-4b python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8
+    run gemv-quant python3 benchmarks/gemv_sweep.py quant ;;
+  w1pair)
+    run w1-auto python3 benchmarks/throughput.py --workload w1 --hf-prompts 0 --out "$out"
+    run w1-kvfp8 python3 benchmarks/throughput.py --workload w1 --kv-cache-dtype fp8 --hf-prompts 0 --out "$out" ;;
   serve)
     run serving python3 benchmarks/serving.py --model benchmarks/models/qwen3-0.6b --dtype bfloat16 --out "$out"
     run classify python3 benchmarks/classify.py --out "$out" ;;
-  *) echo "unknown mode $mode (quick, full, quant, serve)" >&2; exit 2 ;;
+  *) echo "unknown mode $mode (quick, full, quant, diag, w1pair, serve)" >&2; exit 2 ;;
 esac
 grep -hE "identical|logprob - HF|compilations|cosine error|mean \|" "$out/gpu-tests.log" 2>/dev/null || true
-grep -h "^|" "$out"/w2-*.log 2>/dev/null || true
+grep -h "^|" "$out"/w2-*.log "$out"/gemv-*.log 2>/dev/null || true
 printf '%s\n' "| step | status | time | last line |" "|---|---|---|---|" "${summary[@]}"

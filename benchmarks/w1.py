@@ -56,16 +56,23 @@ def _timed_generate(llm, prompts, max_tokens) -> tuple[float, int]:
     return wall, n_out
 
 
-def _kernel_seconds(prof) -> float:
-    """Sum of GPU kernel durations in a profile (memcpy/memset excluded: not compute)."""
-    total_us = 0.0
+def _kernel_times(prof) -> dict[str, float]:
+    """GPU seconds per kernel name in a profile (memcpy/memset excluded: not compute)."""
+    per_name: dict[str, float] = {}
     for evt in prof.events():
         if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
             name = evt.name.lower()
             if "memcpy" in name or "memset" in name:
                 continue
-            total_us += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-    return total_us / 1e6
+            us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+            per_name[evt.name] = per_name.get(evt.name, 0.0) + us / 1e6
+    return per_name
+
+
+def _top_kernels(per_name: dict[str, float], n: int = 15) -> dict[str, float]:
+    """The ``n`` kernels with the most GPU time (names cut to 80 characters): where W1 goes."""
+    top = sorted(per_name.items(), key=lambda kv: kv[1], reverse=True)[:n]
+    return {name[:80]: round(sec, 4) for name, sec in top}
 
 
 def _peer_hf(hf, prompts, max_tokens, device) -> dict:
@@ -116,7 +123,11 @@ def run_w1(args) -> None:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         prof_s, prof_tokens = _timed_generate(llm, *prof_batch)
-    kernel_s = _kernel_seconds(prof)
+    per_kernel = _kernel_times(prof)
+    kernel_s = sum(per_kernel.values())
+    top_kernels = _top_kernels(per_kernel)
+    for name, sec in top_kernels.items():
+        print(f"  {sec:8.3f} s  {name}")
     stats = llm.stats()
     del llm
     torch.cuda.empty_cache()
@@ -146,7 +157,7 @@ def run_w1(args) -> None:
             "output_tokens_cold": cold_tokens, "num_preemptions": stats["num_preemptions"],
             "num_kv_blocks": stats["num_kv_blocks"], "enforce_eager": args.enforce_eager,
             "kv_cache_dtype": kv_cache_dtype,
-            "tensor_parallel_size": tp,
+            "tensor_parallel_size": tp, "top_kernels_s": top_kernels,
         },
         "peer": peer,
         "floor_output_tok_s": cold_tokens / floor_s, "copy_bw_gbs": bw, "weight_bytes": weight_bytes,
