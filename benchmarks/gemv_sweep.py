@@ -47,7 +47,7 @@ for model, shapes in (SHAPES.items() if "sweep" in SECTIONS else []):
             rel = ((out - ref).norm() / ref.norm()).item()
             t_cublas = timeit(lambda: [F.linear(x, w) for w in ws], copies)
             t_def = timeit(lambda: [gemv(x, w) for w in ws], copies)
-            best = (t_def, gemv_config(n, k, num_sms(dev)))
+            best = (t_def, gemv_config(n, k, num_sms(dev)))  # 2-byte weights here
             if m == 1:
                 for bn, bk, nw in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8)):
                     if bn * bk > 16384: continue

@@ -14,15 +14,21 @@ from minivllm import LLM, SamplingParams
 
 
 def decode_tok_s(model: str, quantization: str | None) -> float:
-    llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=1024,
+    """Decode tok/s of one 128-token prompt, 256 greedy tokens (max_model_len 4096, as W2)."""
+    llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
               quantization=quantization, skip_tokenizer_init=True, gpu_memory_utilization=0.6)
-    prompt = {"prompt_token_ids": torch.randint(0, 10000, (128,)).tolist()}
-    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    def prompt():  # a fresh prompt per call: no prefix-cache hits in the timed runs
+        return {"prompt_token_ids": torch.randint(0, 10000, (128,)).tolist()}
+
+    for n in (1, 16):  # warm-up: the prefill-only and the decode paths
+        llm.generate(prompt(), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                     use_tqdm=False)
     times = {}
     for n in (1, 256):
+        p = prompt()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        llm.generate(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         torch.cuda.synchronize()
         times[n] = time.perf_counter() - t
     del llm
