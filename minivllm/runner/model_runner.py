@@ -146,14 +146,16 @@ class ModelRunner:
         if not force and (self.device.type != "cuda" or not self.backend.compiles_per_shape):
             return
         longest = min(max_num_batched_tokens, max_model_len - 1)
+        # The block table's row stride is a kernel argument Triton specialises on (== 1,
+        # divisible by 16): warm with the persistent batch's width, which every step uses.
+        table_width = self.input_batch.block_table_dev.shape[1]
         lengths = sorted({min(2 ** i, longest) for i in range(1, 9)} | {longest})
         for n in (n for n in lengths if n >= 2):
-            num_blocks = -(-n // self.block_size)
             meta = AttentionMetadata(
                 slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
                 query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
                 seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-                block_tables=torch.zeros((1, num_blocks), dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros((1, table_width), dtype=torch.int32, device=self.device),
                 max_query_len=n, max_seq_len=n,
                 query_start_loc_cpu=torch.tensor([0, n], dtype=torch.int32),
                 seq_lens_cpu=torch.tensor([n], dtype=torch.int32), num_actual_tokens=n)

@@ -99,7 +99,9 @@ def test_engine_variant_matches_reference(label, reference, variant):
 
 def test_no_triton_compilation_after_start_up():
     """A W1-shaped run (mixed prefill chunks and decodes, temperature sampling) right after
-    start-up compiles no Triton kernel: the warm-up paid for all of them."""
+    start-up compiles no Triton kernel: the warm-up paid for all of them. Nor do the serving
+    shapes after it: one greedy request (W2), the same prompt again (a prefix-cache hit: an
+    extend step over cached blocks) and a prompt sharing only a prefix."""
     import random
 
     import triton
@@ -115,7 +117,12 @@ def test_no_triton_compilation_after_start_up():
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(4, 64))
                   for _ in prompts]
         llm.generate(prompts, params, use_tqdm=False)
+        greedy = SamplingParams(temperature=0, ignore_eos=True, max_tokens=16)
+        single = [rng.randint(0, 10000) for _ in range(128)]
+        for prompt in (single, single, single[:64] + [rng.randint(0, 10000) for _ in range(40)]):
+            llm.generate([prompt], greedy, use_tqdm=False)
     finally:
         hook_owner.jit_post_compile_hook = old
-    print(f"Triton compilations after start-up: {len(compiled)}")
+    print(f"Triton compilations after start-up: {len(compiled)} "
+          f"{[getattr(c, '__name__', str(c))[:60] for c in compiled]}")
     assert compiled == []
