@@ -117,8 +117,8 @@ class RotaryEmbedding(nn.Module):
 
         norm = {}
         if q_norm is not None:
-            norm = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight,
-                        q_eps=q_norm.eps, k_eps=k_norm.eps)
+            norm = {"q_norm_weight": q_norm.weight, "k_norm_weight": k_norm.weight,
+                    "q_eps": q_norm.eps, "k_eps": k_norm.eps}
         return rotary_embedding_store_kv(positions, q, k, v, kv_cache.k, kv_cache.v,
                                          slot_mapping, self.cos_cache, self.sin_cache, **norm,
                                          k_scale=kv_cache.k_scale, v_scale=kv_cache.v_scale)

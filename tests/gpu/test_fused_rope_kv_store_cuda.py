@@ -45,8 +45,8 @@ def test_kernel_bf16_equals_rotary_then_store(num_tokens, kv_fp8):
     positions = torch.randint(0, 4096, (num_tokens,), generator=g, device="cuda")
     slots = torch.randperm(num_blocks * block_size, generator=g, device="cuda")[:num_tokens]
     slots[::3] = -1  # padding rows
-    norm = dict(q_norm_weight=1 + randn(d) / 2, k_norm_weight=1 + randn(d) / 2, q_eps=1e-6,
-                k_eps=1e-6)
+    norm = {"q_norm_weight": 1 + randn(d) / 2, "k_norm_weight": 1 + randn(d) / 2,
+            "q_eps": 1e-6, "k_eps": 1e-6}
     rotary = RotaryEmbedding(d, 4096, 1e6).cuda()
     shape = (num_blocks, block_size, hkv, d)
     scales = {}

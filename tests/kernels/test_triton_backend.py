@@ -58,7 +58,7 @@ def test_backend_reads_kv_stored_before_forward(device, generator):
     batch = make_paged_batch([(17, 1), (40, 24)], block_size=16, num_kv_heads=2, group=2,
                              head_dim=64, dtype=torch.float32, device=device,
                              num_padding_tokens=2, generator=generator)
-    ref_out, ref_k, ref_v = reference_output(batch)
+    ref_out, _, _ = reference_output(batch)
     m = batch.meta
     store_kv_reference(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping)
     out = TritonAttentionBackend().forward(batch.q, None, None, batch.k_cache, batch.v_cache, m,
