@@ -78,6 +78,7 @@ class TorchReferenceBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+        self.check_kv_given(k, v)  # the oracle always stores K/V itself
         store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         num_seqs, max_q = meta.num_seqs, meta.max_query_len

@@ -27,6 +27,7 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
     compiles_per_shape = True
     supported_kv_cache_dtypes = ("auto", "fp8")
+    supports_fused_kv_store = True  # the cache layout rotary_kv_store writes
 
     @classmethod
     def check_kv_cache_dtype(cls, kv_cache_dtype: str, device: torch.device) -> None:
@@ -42,8 +43,8 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -51,8 +52,11 @@ class TritonAttentionBackend(AttentionBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Store ``k``/``v`` at ``meta.slot_mapping``, then attend (see ``AttentionBackend``)."""
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        """Store ``k``/``v`` at ``meta.slot_mapping`` (unless None: stored already), then
+        attend (see ``AttentionBackend``). The attention kernels run after the store in the
+        stream, so they read this step's K/V from the cache either way."""
+        if self.check_kv_given(k, v):
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.max_query_len <= 1:
             paged_decode_attention(q, k_cache, v_cache, out, meta.seq_lens, meta.query_start_loc,

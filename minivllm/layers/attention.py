@@ -22,10 +22,17 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-        """q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` → ``[T, Hq * D]``."""
+        """q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` → ``[T, Hq * D]``.
+
+        ``k=v=None``: this step's K/V are already in ``kv_cache`` (written by the fused rotary
+        + KV-store kernel; only for a backend with ``supports_fused_kv_store``).
+        """
         if meta.calculate_kv_scales:
+            if k is None or v is None:
+                raise ValueError("a calculate_kv_scales step needs k and v: the scales come "
+                                 "from them before they are stored")
             n = meta.num_actual_tokens
             calculate_kv_scales(k[:n], v[:n], kv_cache)
         out = self.backend.forward(q, k, v, kv_cache.k, kv_cache.v, meta, self.scale,

@@ -2,6 +2,8 @@
 
 On CUDA, q and k are rotated by one Triton kernel, which can also apply Qwen3's per-head q/k
 RMSNorm first; elsewhere the torch code below runs, the reference the kernel is tested against.
+``forward_and_store_kv`` goes one step further (Triton only): the same launch writes the rotated
+k and the v rows into the paged KV cache.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from minivllm.attention.kv_cache import LayerKVCache
 from minivllm.layers.norm import RMSNorm, fused_kernels_apply
 
 
@@ -92,6 +95,33 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin_cache[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def forward_and_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, kv_cache: LayerKVCache,
+                             slot_mapping: torch.Tensor, q_norm: RMSNorm | None = None,
+                             k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """As ``forward`` on the Triton path, but the rotated k and ``v`` go straight into
+        ``kv_cache`` at ``slot_mapping`` (slots < 0 untouched; FP8 quantised with the layer's
+        scales), as the attention backend's own store would write them. Returns the rotated q.
+
+        Always the Triton kernel (CUDA, or the interpreter on CPU): the caller decides when it
+        applies (see ``DecoderAttention.attend``).
+
+        Raises:
+            ValueError: when only one of ``q_norm``/``k_norm`` is given, or on inputs the
+                kernel cannot take.
+        """
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("pass both q_norm and k_norm, or neither")
+        from minivllm.kernels.rotary_kv_store import rotary_embedding_store_kv
+
+        norm = {}
+        if q_norm is not None:
+            norm = {"q_norm_weight": q_norm.weight, "k_norm_weight": k_norm.weight,
+                    "q_eps": q_norm.eps, "k_eps": k_norm.eps}
+        return rotary_embedding_store_kv(positions, q, k, v, kv_cache.k, kv_cache.v,
+                                         slot_mapping, self.cos_cache, self.sin_cache, **norm,
+                                         k_scale=kv_cache.k_scale, v_scale=kv_cache.v_scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

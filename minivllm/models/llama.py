@@ -6,10 +6,17 @@ q/k/v and gate/up projections are fused into one matmul each: fewer kernel launc
 Tensor parallelism (``tp_group``): attention heads and MLP columns split over ranks, one
 all-reduce after ``o_proj`` and one after ``down_proj``; vocabulary rows split for the embedding
 and LM head. ``tp_group=None`` is the single-device model, computing exactly what it always did.
+
+Where the Triton kernels run, q/k norm, rotary and the KV-cache store are one launch per layer
+(``RotaryEmbedding.forward_and_store_kv``); the environment variable
+``MINIVLLM_FUSE_ROPE_STORE=0``, read when a model is built, turns that off (rotary, then the
+backend's own store: two launches) for A/B measurements. The results are the same bytes.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 
 import torch
@@ -24,7 +31,7 @@ from minivllm.distributed.sharding import check_tensor_parallel
 from minivllm.layers.attention import PagedAttention
 from minivllm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
-from minivllm.layers.norm import RMSNorm
+from minivllm.layers.norm import RMSNorm, fused_kernels_apply
 from minivllm.layers.quantization.base import LinearMethod
 from minivllm.layers.rotary import RotaryEmbedding
 from minivllm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding, lm_logits
@@ -32,16 +39,37 @@ from minivllm.layers.weight_loading import WeightSource, copy_replicated
 
 KVCache = LayerKVCache
 
+logger = logging.getLogger(__name__)
+
+FUSE_ROPE_STORE_ENV = "MINIVLLM_FUSE_ROPE_STORE"
+
+
+def fuse_rope_kv_store_from_env() -> bool:
+    """``MINIVLLM_FUSE_ROPE_STORE``: ``1`` (default) fuses the KV store into the rotary kernel
+    where it applies, ``0`` keeps them apart (a benchmark knob; outputs are identical).
+
+    Raises:
+        ValueError: for any other value.
+    """
+    value = os.environ.get(FUSE_ROPE_STORE_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSE_ROPE_STORE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
 
 class DecoderAttention(nn.Module):
     """GQA self-attention: fused qkv projection, optional q/k norm, rotary, paged attention.
 
     Under tensor parallelism this rank's heads only: ``num_heads``/``num_kv_heads`` are local.
+
+    ``fuse_rope_kv_store``: let the rotary kernel also write K/V into the cache where that
+    applies (see ``uses_fused_kv_store``); False always leaves the store to the backend.
     """
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
                  qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None,
+                 fuse_rope_kv_store: bool = True) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
@@ -56,6 +84,14 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
+        self.fuse_rope_kv_store = fuse_rope_kv_store and backend.supports_fused_kv_store
+
+    def uses_fused_kv_store(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step's K/V are stored by the rotary kernel: where the Triton layer
+        kernels run, the backend allows it, and the step does not first compute FP8 KV scales
+        from K/V (that one step keeps the store in the backend, after the scales are set)."""
+        return (self.fuse_rope_kv_store and not meta.calculate_kv_scales
+                and fused_kernels_apply(q))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -69,7 +105,13 @@ class DecoderAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         # Qwen3's per-head q/k norm runs inside the rotary kernel on GPU (None elsewhere).
-        q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
+        if self.uses_fused_kv_store(q, meta):
+            # One launch: norms, rotary, and K/V written into the cache (k=v=None below).
+            q = self.rotary.forward_and_store_kv(positions, q, k, v, kv_cache,
+                                                 meta.slot_mapping, self.q_norm, self.k_norm)
+            k = v = None
+        else:
+            q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -96,11 +138,12 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend, rotary: RotaryEmbedding,
                  qkv_bias: bool, qk_norm: bool, tp_group: TensorParallelGroup | None = None,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None,
+                 fuse_rope_kv_store: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, backend, rotary, qkv_bias, qk_norm, tp_group,
-                                          linear_method)
+                                          linear_method, fuse_rope_kv_store)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp_group, linear_method)
 
@@ -139,7 +182,8 @@ class LlamaForCausalLM(nn.Module):
         """Raises ValueError when ``cfg`` does not split over ``tp_group``'s ranks.
 
         ``linear_method`` stores and multiplies the decoder's linear weights (None: dense); the
-        embedding and LM head are never quantised."""
+        embedding and LM head are never quantised. ``MINIVLLM_FUSE_ROPE_STORE`` is read here
+        (see the module docstring)."""
         super().__init__()
         if tp_group is not None:
             check_tensor_parallel(cfg, tp_group.world_size)
@@ -147,9 +191,14 @@ class LlamaForCausalLM(nn.Module):
         self.tp_group = tp_group
         qkv_bias = cfg.attention_bias or self.qkv_bias_default
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        fuse_rope_kv_store = fuse_rope_kv_store_from_env()
+        if not fuse_rope_kv_store:
+            logger.info("%s=0: rotary and the KV-cache store run as separate kernels",
+                        FUSE_ROPE_STORE_ENV)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group, linear_method)
+            DecoderLayer(cfg, backend, rotary, qkv_bias, self.qk_norm, tp_group, linear_method,
+                         fuse_rope_kv_store)
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings or not self.has_lm_head else ParallelLMHead(

@@ -48,3 +48,26 @@ def test_backend_refuses_bfloat16_on_cpu(generator):
     with pytest.raises(ValueError, match="bfloat16"):
         TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.k_cache,
                                          batch.v_cache, batch.meta, batch.scale)
+
+
+def test_backend_reads_kv_stored_before_forward(device, generator):
+    """``k=v=None`` (the fused rotary + KV-store kernel wrote them): the backend attends over
+    this step's K/V already in the cache; the torch oracle refuses (it always stores)."""
+    from minivllm.attention.torch_ref import TorchReferenceBackend, store_kv_reference
+
+    batch = make_paged_batch([(17, 1), (40, 24)], block_size=16, num_kv_heads=2, group=2,
+                             head_dim=64, dtype=torch.float32, device=device,
+                             num_padding_tokens=2, generator=generator)
+    ref_out, _, _ = reference_output(batch)
+    m = batch.meta
+    store_kv_reference(batch.k, batch.v, batch.k_cache, batch.v_cache, m.slot_mapping)
+    out = TritonAttentionBackend().forward(batch.q, None, None, batch.k_cache, batch.v_cache, m,
+                                           batch.scale)
+    n = m.num_actual_tokens
+    assert relative_error(out[:n].cpu(), ref_out[:n].cpu()) < REL_TOL[torch.float32]
+    with pytest.raises(ValueError, match="both"):
+        TritonAttentionBackend().forward(batch.q, batch.k, None, batch.k_cache, batch.v_cache,
+                                         m, batch.scale)
+    with pytest.raises(ValueError, match="stores K/V itself"):
+        TorchReferenceBackend().forward(batch.q, None, None, batch.k_cache, batch.v_cache, m,
+                                        batch.scale)
