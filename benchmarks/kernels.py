@@ -411,12 +411,13 @@ def cfg_name(cfg) -> str:
         return "default"
     if isinstance(cfg, DecodeConfig):
         return (f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.programs_per_sm}"
-                f"x{cfg.max_splits}t{cfg.min_tokens_per_split}")
+                f"x{cfg.max_splits}t{cfg.min_tokens_per_split}"
+                + ("h" if cfg.fp8_via_fp16 else ""))
     return f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
 
 
 # ----------------------------------------------------------------------------- tuning
-def tune(device, smoke, decode_only: bool = False) -> dict:
+def tune(device, smoke, decode_only: bool = False, fp8_only: bool = False) -> dict:
     base = DEFAULT_DECODE_CONFIG
     dec_cfgs = [base] + [dataclasses.replace(base, **kw) for kw in [
         dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(max_splits=64),
@@ -426,12 +427,24 @@ def tune(device, smoke, decode_only: bool = False) -> dict:
                                           (32, 1024), (128, 128), (256, 4096)]
     pre_cfgs = [PrefillConfig(bm, bn, w, s) for bm, bn, w, s in [
         (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
-    out = dict(decode=bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False))
-    out["decode_bs64"] = bench_decode(device, smoke, dec_shapes[:4], bs=64, with_sdpa=False)
-    # FP8 tiles are half the bytes: the best tile / pipeline depth may differ from bf16's.
-    out["decode_fp8"] = bench_decode(device, smoke, dec_shapes, configs=dec_cfgs,
+    # FP8 tiles are half the bytes: the best tile / pipeline depth may differ from bf16's, and
+    # the cast to the dot's dtype is per element (float16: one instruction per pair).
+    fp8_cfgs = dec_cfgs[:2] + [dataclasses.replace(base, fp8_via_fp16=True, **kw) for kw in [
+        dict(), dict(block_n=128), dict(block_n=128, num_warps=8), dict(num_stages=4),
+        dict(block_n=32, num_stages=4)]]
+    out = {}
+    if not fp8_only:
+        out["decode"] = bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False)
+        out["decode_bs64"] = bench_decode(device, smoke, dec_shapes[:4], bs=64, with_sdpa=False)
+    out["decode_fp8"] = bench_decode(device, smoke, dec_shapes, configs=fp8_cfgs,
                                      with_sdpa=False, kv_fp8=True)
-    if decode_only:
+    # W1's shape: Qwen3-0.6B heads (16 q, 8 kv), batch 256 at ~1k context, bf16 and FP8.
+    w1_shapes = [(1, 64)] if smoke else [(256, 1024), (128, 2048)]
+    out["decode_w1_bf16"] = bench_decode(device, smoke, w1_shapes, heads=(16, 8),
+                                         configs=dec_cfgs[:2], with_sdpa=False)
+    out["decode_w1_fp8"] = bench_decode(device, smoke, w1_shapes, heads=(16, 8), configs=fp8_cfgs,
+                                        with_sdpa=False, kv_fp8=True)
+    if decode_only or fp8_only:
         return out
     out["prefill"] = bench_prefill(device, smoke, [64] if smoke else [1024, 4096],
                                    configs=pre_cfgs, with_sdpa=False)
@@ -532,6 +545,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--decode-only", action="store_true",
                     help="skip correctness and prefill: copy bandwidth, bf16 and FP8 decode")
+    ap.add_argument("--fp8-only", action="store_true",
+                    help="with --tune --decode-only: tune only the FP8 decode (and W1 shapes)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -558,7 +573,7 @@ def main() -> None:
     res["copy"] = copy_bandwidth(device, args.smoke)
     res["copy_gbps"] = res["copy"]["roofline"]
     if args.tune:
-        res["tune"] = tune(device, args.smoke, args.decode_only)
+        res["tune"] = tune(device, args.smoke, args.decode_only, args.fp8_only)
         save()
         print(f"[{time.time() - t0:.0f}s] tuning done", flush=True)
         for section, rows in res["tune"].items():

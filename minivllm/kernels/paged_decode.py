@@ -47,6 +47,10 @@ class DecodeConfig:
     programs_per_sm: int = 4
     max_splits: int = 32
     min_tokens_per_split: int = 256
+    # FP8 cache only: cast K/V to float16 (one instruction per two e4m3 values on sm_89+)
+    # instead of to the query's bfloat16 (a longer sequence), with q cast to float16 for the
+    # dots. Exact for every e4m3 value; q is clamped to float16's range first.
+    fp8_via_fp16: bool = False
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
@@ -62,7 +66,7 @@ def _paged_decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_VIA_FP16: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     seq = tl.program_id(0)
@@ -88,6 +92,8 @@ def _paged_decode_kernel(
         # Dequantising is k * k_scale, v * v_scale: the cast to q's dtype is exact, K's scale
         # folds into the softmax scale and V's into the output (one multiply each, not per row).
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+        if FP8_VIA_FP16:
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -219,7 +225,7 @@ def paged_decode_attention(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
-        KV_FP8=kv_fp8,
+        KV_FP8=kv_fp8, FP8_VIA_FP16=kv_fp8 and config.fp8_via_fp16,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(q.device),
     )
     if num_splits > 1:

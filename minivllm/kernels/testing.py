@@ -120,11 +120,12 @@ def fp8_reference_output(batch: PagedBatch, k_scale: torch.Tensor,
 
 def run_paged_kernels(batch: PagedBatch, kind: str, k_scale: torch.Tensor | None = None,
                       v_scale: torch.Tensor | None = None,
-                      num_splits: int | None = None) -> torch.Tensor:
+                      num_splits: int | None = None, decode_config=None) -> torch.Tensor:
     """Store the step's K/V, then run the Triton ``"decode"`` or ``"prefill"`` kernel; its
-    output (``NaN`` where it wrote nothing)."""
+    output (``NaN`` where it wrote nothing). ``decode_config``: a ``DecodeConfig`` (default:
+    the kernel's)."""
     from minivllm.kernels.kv_store import store_kv
-    from minivllm.kernels.paged_decode import paged_decode_attention
+    from minivllm.kernels.paged_decode import DEFAULT_DECODE_CONFIG, paged_decode_attention
     from minivllm.kernels.paged_prefill import paged_prefill_attention
 
     m = batch.meta
@@ -133,7 +134,8 @@ def run_paged_kernels(batch: PagedBatch, kind: str, k_scale: torch.Tensor | None
     if kind == "decode":
         paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
-                               num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+                               num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
+                               config=decode_config or DEFAULT_DECODE_CONFIG)
     elif kind == "prefill":
         paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                 m.query_start_loc, m.block_tables, m.max_query_len,
