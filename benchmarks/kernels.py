@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from minivllm.kernels.common import cdiv
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import (DEFAULT_DECODE_CONFIG, DecodeConfig,
+                                           default_decode_config,
                                            choose_num_splits, paged_decode_attention)
 from minivllm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
 from minivllm.kernels.testing import (REL_TOL, make_paged_batch, reference_output,
@@ -253,10 +254,10 @@ def contiguous_kv(pool: torch.Tensor, tables: torch.Tensor, ctx: int) -> torch.T
 
 
 def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
-                 configs=(DEFAULT_DECODE_CONFIG,), with_sdpa=True,
-                 kv_fp8: bool = False) -> list[dict]:
+                 configs=None, with_sdpa=True, kv_fp8: bool = False) -> list[dict]:
     """``kv_fp8``: the cache in float8 e4m3 (1 byte per element, bf16 queries), bytes counted
     as stored; its ``vs_bf16_rel_err`` compares with the same pool read in bf16."""
+    configs = configs or (default_decode_config(kv_fp8),)
     num_heads, hkv = heads
     group = num_heads // hkv
     dtype = torch.float32 if smoke else torch.bfloat16

@@ -125,7 +125,7 @@ def run_paged_kernels(batch: PagedBatch, kind: str, k_scale: torch.Tensor | None
     output (``NaN`` where it wrote nothing). ``decode_config``: a ``DecodeConfig`` (default:
     the kernel's)."""
     from minivllm.kernels.kv_store import store_kv
-    from minivllm.kernels.paged_decode import DEFAULT_DECODE_CONFIG, paged_decode_attention
+    from minivllm.kernels.paged_decode import paged_decode_attention
     from minivllm.kernels.paged_prefill import paged_prefill_attention
 
     m = batch.meta
@@ -135,7 +135,7 @@ def run_paged_kernels(batch: PagedBatch, kind: str, k_scale: torch.Tensor | None
         paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
                                num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
-                               config=decode_config or DEFAULT_DECODE_CONFIG)
+                               config=decode_config)
     elif kind == "prefill":
         paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                                 m.query_start_loc, m.block_tables, m.max_query_len,
