@@ -136,6 +136,40 @@ template <int AT> struct Weight<AT, kWeightINT8> {
 // activations and the KV cache out of L1/L2.
 __device__ __forceinline__ uint4 load_weight(const uint4* p) { return __ldcs(p); }
 
+// The j-th 16-byte vector of activations (8 values) under weight vector v of row m of x.
+template <typename T, int kVec>
+__device__ __forceinline__ uint4 load_x(const T* x, int64_t stride_x, int m, int v, int j) {
+  return reinterpret_cast<const uint4*>(x + m * stride_x + static_cast<int64_t>(v) * kVec)[j];
+}
+
+// acc[r][m] += dot(weight vector of row r, activations of row m) over one 16-byte weight load.
+template <int AT, int WK, int M, int ROWS>
+__device__ __forceinline__ void accumulate(const uint4 (&xr)[M][Weight<AT, WK>::kPerVec / 8],
+                                           const uint4 (&wv)[ROWS], float (&acc)[ROWS][M]) {
+  constexpr int kVec = Weight<AT, WK>::kPerVec;
+  float xf[M][kVec];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int j = 0; j < kVec / 8; ++j) {
+      const uint4 xv = xr[m][j];
+      const float2 p0 = Act<AT>::unpack2(xv.x), p1 = Act<AT>::unpack2(xv.y);
+      const float2 p2 = Act<AT>::unpack2(xv.z), p3 = Act<AT>::unpack2(xv.w);
+      float* f = &xf[m][j * 8];
+      f[0] = p0.x; f[1] = p0.y; f[2] = p1.x; f[3] = p1.y;
+      f[4] = p2.x; f[5] = p2.y; f[6] = p3.x; f[7] = p3.y;
+    }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    float wf[kVec];
+    Weight<AT, WK>::unpack(wv[r], wf);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[r][m] = fmaf(wf[j], xf[m][j], acc[r][m]);
+  }
+}
+
 // ---- the kernel -------------------------------------------------------------------------------
 template <int AT, int WK, int M, int ROWS, int THREADS, int UNROLL>
 __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
@@ -147,6 +181,8 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
   constexpr int kWarps = THREADS / 32;
   static_assert(THREADS % 32 == 0, "whole warps");
   static_assert(ROWS * M <= THREADS, "one thread per output in the final reduction");
+  // Prefetch all of an iteration's activation vectors when they fit in 64 registers.
+  constexpr bool kPrefetchX = UNROLL * M * kXLoads <= 16;
 
   // The next kernel may launch now; it waits for this one to finish before reading y.
   pdl_launch_dependents();
@@ -189,33 +225,33 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
         pdl_wait();
         waited = true;
       }
+      if constexpr (kPrefetchX) {
+        // Every activation load of the iteration in flight at once, too (L2 round trips).
+        uint4 xr[UNROLL][M][kXLoads];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int v = v0 + u * THREADS;
-        if (v < nvec) {
-          float xf[M][kVec];
+        for (int u = 0; u < UNROLL; ++u) {
+          const int v = v0 + u * THREADS;
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const uint4* xp = reinterpret_cast<const uint4*>(x + m * a.stride_x +
-                                                             static_cast<int64_t>(v) * kVec);
+          for (int m = 0; m < M; ++m)
 #pragma unroll
-            for (int j = 0; j < kXLoads; ++j) {
-              const uint4 xv = xp[j];
-              const float2 p0 = A::unpack2(xv.x), p1 = A::unpack2(xv.y);
-              const float2 p2 = A::unpack2(xv.z), p3 = A::unpack2(xv.w);
-              float* f = &xf[m][j * 8];
-              f[0] = p0.x; f[1] = p0.y; f[2] = p1.x; f[3] = p1.y;
-              f[4] = p2.x; f[5] = p2.y; f[6] = p3.x; f[7] = p3.y;
-            }
-          }
+            for (int j = 0; j < kXLoads; ++j)
+              xr[u][m][j] = v < nvec ? load_x<T, kVec>(x, a.stride_x, m, v, j)
+                                     : make_uint4(0u, 0u, 0u, 0u);
+        }
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r) {
-            float wf[kVec];
-            W::unpack(wv[u][r], wf);
+        for (int u = 0; u < UNROLL; ++u)
+          if (v0 + u * THREADS < nvec) accumulate<AT, WK, M, ROWS>(xr[u], wv[u], acc);
+      } else {  // many rows of 8-bit weights: registers would not hold all of x
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int v = v0 + u * THREADS;
+          if (v < nvec) {
+            uint4 xr[M][kXLoads];
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
-              for (int j = 0; j < kVec; ++j) acc[r][m] = fmaf(wf[j], xf[m][j], acc[r][m]);
+              for (int j = 0; j < kXLoads; ++j) xr[m][j] = load_x<T, kVec>(x, a.stride_x, m, v, j);
+            accumulate<AT, WK, M, ROWS>(xr, wv[u], acc);
           }
         }
       }
