@@ -389,7 +389,7 @@ int minivllm_gemv_variant(int i, int* rows, int* threads, int* unroll) {
 
 // y[m, n] = scale[n] * sum_k w[n, k] * x[m, k] + bias[n] for m < num_rows (1..4), enqueued on
 // `stream`. The caller has validated shapes, dtypes and 16-byte alignment (see
-// minivllm/csrc_ops/gemv.py). Returns 0, a cudaError_t, or -1 for an unsupported combination.
+// minivllm/csrc_ops/cuda_gemv.py). Returns 0, a cudaError_t, or -1 for an unsupported combination.
 int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
                   int64_t stride_w_bytes, int weight_kind, const void* bias, const float* scale,
                   void* out, int64_t stride_out, int num_rows, int n, int k, int variant,

@@ -115,16 +115,16 @@ def check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"bias must be a contiguous [{n}] tensor of {x.dtype}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight need contiguous last dimensions")
-    tensors = [t for t in (x, weight, bias, scale) if t is not None]
-    if any(t.device.type != "cuda" for t in tensors) or len({t.device for t in tensors}) != 1:
-        raise ValueError("the CUDA GEMV needs all operands on one CUDA device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
     vec = _vector_elems(weight)
     if k % vec or (weight.stride(0) * weight.element_size()) % 16 or (x.stride(0) * x.element_size()) % 16 \
             or x.data_ptr() % 16 or weight.data_ptr() % 16:
         raise ValueError(f"the CUDA GEMV reads 16-byte vectors: K ({k}) must be a multiple of {vec} "
                          "and the rows of x and weight 16-byte aligned; use "
                          "minivllm.kernels.gemv.gemv for other layouts")
+    tensors = [t for t in (x, weight, bias, scale) if t is not None]
+    if any(t.device.type != "cuda" for t in tensors) or len({t.device for t in tensors}) != 1:
+        raise ValueError("the CUDA GEMV needs all operands on one CUDA device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,0 +1,130 @@
+"""The csrc JIT build and the CUDA GEMV wrapper on a machine without CUDA (as CI runs them):
+no CUDA means unavailable, bad operands raise ValueError before any build, and the build /
+cache / failure paths work — exercised with a stand-in ``nvcc`` that compiles C with ``cc``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from minivllm.csrc_ops import build
+from minivllm.csrc_ops import cuda_gemv
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
+def test_unavailable_without_cuda_and_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the expected CPU fallback must not warn
+        assert build.load.__wrapped__("gemv") is None
+        assert cuda_gemv.available() is False
+        assert cuda_gemv.enabled() is False
+
+
+def _bad_operands():
+    bf, f8 = torch.bfloat16, torch.float8_e4m3fn
+    x = torch.zeros(1, 64, dtype=bf)
+    w = torch.zeros(32, 64, dtype=bf)
+    w8 = torch.zeros(32, 64, dtype=f8)
+    s = torch.ones(32)
+    return [
+        ("2-D", dict(x=x[None], weight=w)),
+        ("1..4 rows", dict(x=torch.zeros(5, 64, dtype=bf), weight=w)),
+        ("columns", dict(x=torch.zeros(1, 32, dtype=bf), weight=w)),
+        ("x dtype", dict(x=x.float(), weight=w.float())),
+        ("share a dtype", dict(x=x, weight=w.half())),
+        ("share a dtype", dict(x=x, weight=w8)),  # 8-bit weight without its scale
+        ("scale", dict(x=x, weight=w, scale=s)),  # a scale for a 16-bit weight
+        ("scale", dict(x=x, weight=w8, scale=s.half())),
+        ("scale", dict(x=x, weight=w8, scale=torch.ones(31))),
+        ("bias", dict(x=x, weight=w, bias=torch.zeros(31, dtype=bf))),
+        ("bias", dict(x=x, weight=w, bias=torch.zeros(32))),
+        ("contiguous last", dict(x=torch.zeros(1, 128, dtype=bf)[:, ::2], weight=w)),
+        ("16-byte", dict(x=torch.zeros(1, 40, dtype=bf), weight=torch.zeros(32, 40, dtype=f8),
+                         scale=s)),  # K = 40 is not a multiple of 16 one-byte weights
+        ("16-byte", dict(x=torch.zeros(1, 60, dtype=bf), weight=torch.zeros(32, 60, dtype=bf))),
+        ("CUDA device", dict(x=x, weight=w)),  # well-formed, but on the CPU
+    ]
+
+
+@pytest.mark.parametrize("match,kwargs", _bad_operands())
+def test_bad_operands_raise_value_error_without_building(monkeypatch, match, kwargs):
+    def no_build():
+        raise AssertionError("validation must come before the build")
+
+    monkeypatch.setattr(cuda_gemv, "_library", no_build)
+    with pytest.raises(ValueError, match=match):
+        cuda_gemv.gemv(**kwargs)
+    assert not cuda_gemv.supports(**kwargs)
+
+
+def test_arch_flags():
+    assert build.arch_flag((9, 0)) == "-arch=sm_90a"
+    assert build.arch_flag((8, 9)) == "-arch=sm_89"
+    assert build.arch_flag((10, 0)) == "-arch=sm_100"
+
+
+def _fake_cuda(monkeypatch, tmp_path, nvcc_body: str) -> None:
+    """A 'CUDA machine': a device is reported, CUDA_HOME holds a stand-in nvcc, sources and
+    cache live under tmp_path."""
+    bin_dir = tmp_path / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text("#!/bin/sh\n" + nvcc_body)
+    nvcc.chmod(0o755)
+    (tmp_path / "src").mkdir()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setenv(build.CSRC_DIR_ENV, str(tmp_path / "src"))
+    monkeypatch.setenv(build.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+# Builds C instead of CUDA: drops nvcc's flags, keeps "-o out" and the source (the last arg).
+_CC_NVCC = """
+if [ "$1" = "--version" ]; then echo "fake nvcc 1.0"; exit 0; fi
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+exec cc -shared -fPIC -x c -o "$out" "$prev"
+"""
+
+
+@needs_cc
+def test_build_caches_by_source_and_loads(monkeypatch, tmp_path):
+    _fake_cuda(monkeypatch, tmp_path, _CC_NVCC)
+    src = tmp_path / "src" / "answer.cu"
+    src.write_text("int answer(void) { return 42; }\n")
+    first = build.load.__wrapped__("answer")
+    assert first is not None and first.lib.answer() == 42 and first.build_s > 0
+    again = build.load.__wrapped__("answer")  # a new process would find the same file
+    assert again.path == first.path and again.build_s == 0.0
+    src.write_text("int answer(void) { return 43; }\n")
+    edited = build.load.__wrapped__("answer")
+    assert edited.path != first.path and ctypes.CDLL(str(edited.path)).answer() == 43
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
+    _fake_cuda(monkeypatch, tmp_path, 'if [ "$1" = "--version" ]; then echo v; exit 0; fi\n'
+                                      'echo "gemv.cu(1): error: oops" >&2; exit 2\n')
+    (tmp_path / "src" / "broken.cu").write_text("this is not C++\n")
+    with pytest.warns(RuntimeWarning, match="oops"):
+        assert build.load.__wrapped__("broken") is None
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written library left
+
+
+def test_missing_source_or_nvcc_warns(monkeypatch, tmp_path):
+    _fake_cuda(monkeypatch, tmp_path, "exit 1\n")
+    with pytest.warns(RuntimeWarning, match="not found"):
+        assert build.load.__wrapped__("nonexistent") is None
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(build.os, "access", lambda *a: False)  # no /usr/local/cuda either
+    (tmp_path / "src" / "gemv.cu").write_text("")
+    with pytest.warns(RuntimeWarning, match="nvcc not found"):
+        assert build.load.__wrapped__("gemv") is None
