@@ -312,10 +312,16 @@ int launch(const GemvArgs& a, int num_sms, int persistent, int use_pdl, cudaStre
   const int ntiles = (a.n + ROWS - 1) / ROWS;
   int grid = ntiles;
   if (persistent) {  // at most one wave of resident blocks, each looping over tiles
-    int per_sm = 0;
-    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0);
-    if (err != cudaSuccess) return static_cast<int>(err);
-    const int wave = (per_sm > 0 ? per_sm : 1) * num_sms;
+    // Queried once per instantiation (thread-safe static), so later launches, e.g. during a
+    // CUDA-graph capture, make no runtime call besides the launch.
+    static const int per_sm = [] {
+      int blocks = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              &blocks, gemv_kernel<AT, WK, M, ROWS, THREADS, UNROLL>, THREADS, 0) != cudaSuccess)
+        blocks = 1;
+      return blocks > 0 ? blocks : 1;
+    }();
+    const int wave = per_sm * num_sms;
     grid = ntiles < wave ? ntiles : wave;
   }
   cudaLaunchConfig_t config = {};
