@@ -302,7 +302,7 @@ constexpr Variant kVariants[] = {
     {2, 128, 4},  // 0: 8 loads in flight per thread
     {4, 64, 4},   // 1: 16 loads in flight, narrow blocks (more blocks per SM)
     {1, 256, 4},  // 2: one row per block, wide: most blocks for small N
-    {8, 32, 2},   // 3: one warp per block: no cross-warp reduction
+    {8, 64, 2},   // 3: 16 loads in flight, a block covers K = 1024 bf16 in one step
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
