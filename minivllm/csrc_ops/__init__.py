@@ -5,6 +5,12 @@ Always optional: each op has a Triton/torch counterpart that the model uses by d
 ``build`` compiles and caches the libraries; ``cuda_gemv`` is the batch-1..4 decode GEMV.
 """
 
-from minivllm.csrc_ops.cuda_gemv import available, check_operands, enabled, gemv, supports
+from minivllm.csrc_ops.cuda_gemv import (
+    available,
+    check_operands,
+    enabled,
+    gemv,
+    supports,
+)
 
 __all__ = ["available", "check_operands", "enabled", "gemv", "supports"]

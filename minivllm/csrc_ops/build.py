@@ -76,7 +76,8 @@ def nvcc_flags(capability: tuple[int, int]) -> list[str]:
 
 
 def _nvcc_version(nvcc: str) -> str:
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60,
+                         check=False)
     return out.stdout.strip()
 
 
@@ -88,7 +89,7 @@ def _compile(nvcc: str, flags: list[str], source: Path, target: Path) -> None:
     os.close(fd)
     try:
         proc = subprocess.run([nvcc, *flags, "-o", tmp, str(source)], capture_output=True,
-                              text=True, timeout=BUILD_TIMEOUT_S)
+                              text=True, timeout=BUILD_TIMEOUT_S, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         os.replace(tmp, target)
@@ -108,7 +109,7 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str) -> BuiltLibrary | None:
     """Build (or take from the cache) and load ``csrc/<name>.cu`` for the current CUDA device.
 

@@ -33,7 +33,7 @@ ENABLE_ENV = "MINIVLLM_CUDA_GEMV"
 DEFAULT_VARIANT = 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> BuiltLibrary | None:
     built = load("gemv")
     if built is None:
@@ -64,7 +64,7 @@ def available() -> bool:
     return _library() is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def enabled() -> bool:
     """``available()`` and ``MINIVLLM_CUDA_GEMV=1`` (read once): the A/B switch for callers."""
     return os.environ.get(ENABLE_ENV, "0") == "1" and available()
@@ -137,8 +137,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return True
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None, *, variant: int = DEFAULT_VARIANT,
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         scale: torch.Tensor | None = None, variant: int = DEFAULT_VARIANT,
          persistent: bool = False, pdl: bool = True) -> torch.Tensor:
     """``x @ weight.T * scale + bias`` (``scale`` for 8-bit weights) as ``[M, N]`` in
     ``x``'s dtype, by the CUDA kernel of ``csrc/gemv.cu``.
@@ -183,6 +183,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -7,6 +7,8 @@ the first test run builds it (~20-60 s, then cached). Run on the device:
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_matches_reference_every_variant(n, k, kind, dtype, m, with_bias):
     ref = _reference(x, weight, bias, scale)
     for variant in range(len(cuda_gemv.variants())):
         for persistent in (False, True):
-            out = cuda_gemv.gemv(x, weight, bias, scale, variant=variant, persistent=persistent)
+            out = cuda_gemv.gemv(x, weight, bias, scale=scale, variant=variant, persistent=persistent)
             assert out.shape == (m, n) and out.dtype == dtype
             rel = _rel(out, ref)
             assert rel < TOLERANCE[dtype], (variant, persistent, rel)
@@ -97,7 +99,7 @@ def test_graph_replay_chain_sees_fresh_inputs():
     gen = torch.Generator(device="cuda").manual_seed(2)
     dims = [1024, 3072, 1024, 2048, 1024]
     layers = []
-    for i, (k, n) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (k, n) in enumerate(itertools.pairwise(dims)):
         kind = "fp8" if i % 2 else "same"
         weight, scale = _weights(kind, torch.bfloat16, n, k, gen)
         bias = (torch.randn(n, device="cuda", generator=gen) * 0.1).bfloat16() if i == 0 else None
@@ -107,7 +109,7 @@ def test_graph_replay_chain_sees_fresh_inputs():
     def chain():
         outs, h = [], x
         for weight, bias, scale in layers:
-            h = cuda_gemv.gemv(h, weight, bias, scale)
+            h = cuda_gemv.gemv(h, weight, bias, scale=scale)
             outs.append(h)
         return outs
 

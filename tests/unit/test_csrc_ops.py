@@ -12,8 +12,7 @@ import warnings
 import pytest
 import torch
 
-from minivllm.csrc_ops import build
-from minivllm.csrc_ops import cuda_gemv
+from minivllm.csrc_ops import build, cuda_gemv
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
