@@ -423,6 +423,15 @@ int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
   }
 }
 
+// Loads one kernel without launching anything (so it is safe during a graph capture): returns
+// the cudaError_t that launches would hit, e.g. a driver older than this runtime, or 0.
+int minivllm_gemv_probe() {
+  cudaFuncAttributes attr;
+  return static_cast<int>(cudaFuncGetAttributes(
+      &attr, gemv_kernel<kActBF16, kWeightSame, 1, kVariants[0].rows, kVariants[0].threads,
+                         kVariants[0].unroll>));
+}
+
 const char* minivllm_cuda_error_string(int err) {
   return cudaGetErrorString(static_cast<cudaError_t>(err));
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import torch
 
@@ -55,6 +56,14 @@ def _library() -> BuiltLibrary | None:
     lib.minivllm_gemv_variant.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 3
     lib.minivllm_cuda_error_string.restype = ctypes.c_char_p
     lib.minivllm_cuda_error_string.argtypes = [ctypes.c_int]
+    lib.minivllm_gemv_probe.restype = ctypes.c_int
+    lib.minivllm_gemv_probe.argtypes = []
+    err = lib.minivllm_gemv_probe()  # built is not enough: the driver must run it
+    if err != 0:
+        warnings.warn("minivllm csrc op 'gemv' built but cannot run here "
+                      f"({lib.minivllm_cuda_error_string(err).decode()}); using the Triton path",
+                      RuntimeWarning, stacklevel=2)
+        return None
     return built
 
 

@@ -127,3 +127,42 @@ def test_missing_source_or_nvcc_warns(monkeypatch, tmp_path):
     (tmp_path / "src" / "gemv.cu").write_text("")
     with pytest.warns(RuntimeWarning, match="nvcc not found"):
         assert build.load.__wrapped__("gemv") is None
+
+
+# The C ABI of csrc/gemv.cu, in C: the wrapper's ctypes plumbing without CUDA.
+_FAKE_GEMV = """
+static int probe_result = PROBE;
+int minivllm_gemv_num_variants(void) { return 2; }
+int minivllm_gemv_variant(int i, int* rows, int* threads, int* unroll) {
+  if (i < 0 || i > 1) return -1;
+  *rows = 2 + i; *threads = 128; *unroll = 4; return 0;
+}
+int minivllm_gemv(const void* x, long long sx, int a, const void* w, long long sw, int k,
+                  const void* b, const float* s, void* o, long long so, int m, int n, int kk,
+                  int v, int sms, int p, int pdl, void* stream) { return -1; }
+int minivllm_gemv_probe(void) { return probe_result; }
+const char* minivllm_cuda_error_string(int e) { return "fake driver too old"; }
+"""
+
+
+@pytest.fixture
+def fresh_library():
+    cuda_gemv._library.cache_clear()
+    yield
+    cuda_gemv._library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("probe", [0, 35])
+def test_wrapper_loads_the_library_and_probes_it(monkeypatch, tmp_path, fresh_library, probe):
+    _fake_cuda(monkeypatch, tmp_path, _CC_NVCC)
+    (tmp_path / "src" / "gemv.cu").write_text(_FAKE_GEMV.replace("PROBE", str(probe)))
+    monkeypatch.setattr(cuda_gemv, "load", build.load.__wrapped__)
+    if probe == 0:
+        assert cuda_gemv.available()
+        assert cuda_gemv.variants() == [(2, 128, 4), (3, 128, 4)]
+        assert cuda_gemv.build_seconds() > 0
+    else:  # built, but the driver cannot run it: warn and fall back
+        with pytest.warns(RuntimeWarning, match="fake driver too old"):
+            assert not cuda_gemv.available()
+        assert cuda_gemv.variants() == []
