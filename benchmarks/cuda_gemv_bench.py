@@ -5,7 +5,8 @@
 CUDA only; < 2 minutes on an H100 including the JIT build. For the Qwen3 0.6B/4B/8B decode
 linear shapes (as benchmarks/gemv_sweep.py), bf16 weights and fp8 e4m3 weights with a float32
 per-row scale (the Triton GEMV with ``scale``; cuBLAS has no such kernel, so its column is
-the bf16 time for reference), at M=1 by default. Every compiled tile variant of the CUDA op is
+the bf16 time for reference), at M=1 by default; also each model's LM head (vocab x hidden,
+cuBLAS in the model today; ``--no-lm-head`` skips it). Every compiled tile variant of the CUDA op is
 timed (``vN``; ``vNp``: persistent grid, one wave of blocks looping over row tiles;
 ``v0-nopdl``: variant 0 without programmatic dependent launch). Weights rotate past the L2
 cache (≥ 300 MB per shape) and each variant is timed inside one CUDA graph, as the decode step
@@ -36,6 +37,9 @@ from minivllm.kernels.gemv import gemv as triton_gemv
 SHAPES = {"0.6b": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
           "4b": [(6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728)],
           "8b": [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]}
+# The LM head ([vocab, hidden]; torch.matmul, i.e. cuBLAS, in the model today): the largest
+# single weight read of a small model's decode step.
+LM_HEAD = {"0.6b": (151936, 1024), "4b": (151936, 2560), "8b": (151936, 4096)}
 ROTATE_BYTES = 300_000_000
 
 
@@ -82,7 +86,8 @@ def cuda_configs() -> dict[str, dict]:
     return configs
 
 
-def bench_shape(model: str, n: int, k: int, rows: list[int], dtypes: list[str]) -> list[dict]:
+def bench_shape(model: str, layer: str, n: int, k: int, rows: list[int],
+                dtypes: list[str]) -> list[dict]:
     dev = torch.device("cuda")
     copies = max(4, -(-ROTATE_BYTES // (n * k * 2)))
     ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -100,7 +105,8 @@ def bench_shape(model: str, n: int, k: int, rows: list[int], dtypes: list[str]) 
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref = x.float() @ deq0.t()
             pairs = list(zip(ws_run, scales))
-            row = dict(model=model, n=n, k=k, m=m, weight=wname, mb=round(nbytes / 1e6, 2))
+            row = dict(model=model, layer=layer, n=n, k=k, m=m, weight=wname,
+                       mb=round(nbytes / 1e6, 2))
             errs = {"triton": rel_err(triton_gemv(x, ws_run[0], scale=scales[0]), ref)}
             if wname == "bf16":
                 errs["cublas"] = rel_err(F.linear(x, ws[0]), ref)
@@ -136,19 +142,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _label(r: dict) -> str:
+    return f"{r['model']}{' lm_head' if r['layer'] == 'lm_head' else ''} | {r['n']}×{r['k']}"
+
+
 def tables(rows: list[dict], names: list[str]) -> str:
     header = ("| model | n×k | w | m | MB | cuBLAS bf16 µs | Triton µs (TB/s) | CUDA best µs (TB/s) "
-              f"| best | CUDA v{cuda_gemv.DEFAULT_VARIANT} (default) µs | Triton / CUDA best |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| best | CUDA v{cuda_gemv.DEFAULT_VARIANT} (default) µs | Triton / CUDA best "
+              "| cuBLAS / CUDA best |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['n']}×{r['k']} | {r['weight']} | {r['m']} | {r['mb']} "
+        vs_cublas = (f"{r['cublas_bf16_us'] / r['cuda_best_us']:.2f}×"
+                     if r["weight"] == "bf16" and r["cublas_bf16_us"] else "—")
+        lines.append(f"| {_label(r)} | {r['weight']} | {r['m']} | {r['mb']} "
                      f"| {r['cublas_bf16_us'] or '—'} | {r['triton_us']} ({r['triton_tbs']}) "
                      f"| {r['cuda_best_us']} ({r['cuda_best_tbs']}) | {r['cuda_best']} "
-                     f"| {r['cuda_default_us']} | {r['speedup_vs_triton']}× |")
-    lines += ["", "| model | n×k | w | m | " + " | ".join(names) + " |",
+                     f"| {r['cuda_default_us']} | {r['speedup_vs_triton']}× | {vs_cublas} |")
+    lines += ["", "CUDA variants, µs (vN: tile variant N; p: persistent grid; nopdl: no PDL)", "",
+              "| model | n×k | w | m | " + " | ".join(names) + " |",
               "|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['n']}×{r['k']} | {r['weight']} | {r['m']} | "
+        lines.append(f"| {_label(r)} | {r['weight']} | {r['m']} | "
                      + " | ".join(str(r["cuda_us"][c]) for c in names) + " |")
     return "\n".join(lines)
 
@@ -158,6 +172,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1", help="comma-separated M values (1..4)")
     ap.add_argument("--dtypes", default="bf16,fp8", help="weights: bf16 and/or fp8")
     ap.add_argument("--models", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
+    ap.add_argument("--no-lm-head", action="store_true", help="skip the LM head shapes")
     args = ap.parse_args()
     rows = [int(v) for v in args.rows.split(",")]
     dtypes = args.dtypes.split(",")
@@ -173,8 +188,10 @@ def main() -> None:
         raise SystemExit("the CUDA GEMV did not build; see the warning above")
     results = []
     for model in args.models.split(","):
-        for n, k in SHAPES[model]:
-            results.extend(bench_shape(model, n, k, rows, dtypes))
+        shapes = [("linear", n, k) for n, k in SHAPES[model]]
+        shapes += [] if args.no_lm_head else [("lm_head", *LM_HEAD[model])]
+        for layer, n, k in shapes:
+            results.extend(bench_shape(model, layer, n, k, rows, dtypes))
     name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     short = re.search(r"(h100|h200|h20|a100|a800|l40s|b200|gb200)", name)
     date = datetime.date.today().isoformat()
