@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import os
 import shutil
@@ -58,8 +59,12 @@ def find_nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    default = "/usr/local/cuda/bin/nvcc"
-    return default if os.access(default, os.X_OK) else None
+    # /usr/local/cuda, else the newest versioned toolkit (/usr/local/cuda-13.0, ...).
+    versioned = sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)
+    for candidate in ["/usr/local/cuda/bin/nvcc", *versioned]:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def arch_flag(capability: tuple[int, int]) -> str:
@@ -98,6 +103,22 @@ def _compile(nvcc: str, flags: list[str], source: Path, target: Path) -> None:
             os.unlink(tmp)
 
 
+def _cache_root() -> Path:
+    """``$MINIVLLM_CACHE_DIR``, else ``~/.cache/minivllm``, else (home not writable) a
+    per-user directory under the system temp dir."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    home = Path.home() / ".cache" / "minivllm"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"minivllm-cache-{os.getuid()}"
+
+
 def unavailable_reason(name: str) -> str | None:
     """Why ``name``.cu cannot be built here without trying (``None``: it may be)."""
     if not torch.cuda.is_available():
@@ -130,8 +151,7 @@ def load(name: str) -> BuiltLibrary | None:
         digest.update(source.read_bytes())
         digest.update("\0".join(flags).encode())
         digest.update(_nvcc_version(nvcc).encode())
-        root = Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "minivllm")
-        target = root / "csrc" / digest.hexdigest()[:20] / f"{name}.so"
+        target = _cache_root() / "csrc" / digest.hexdigest()[:20] / f"{name}.so"
         build_s = 0.0
         if not target.is_file():
             start = time.perf_counter()
