@@ -10,7 +10,8 @@ from minivllm.csrc_ops.cuda_gemv import (
     check_operands,
     enabled,
     gemv,
+    gemv_if_enabled,
     supports,
 )
 
-__all__ = ["available", "check_operands", "enabled", "gemv", "supports"]
+__all__ = ["available", "check_operands", "enabled", "gemv", "gemv_if_enabled", "supports"]

@@ -192,6 +192,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
+def gemv_if_enabled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`gemv` where :func:`enabled` and :func:`supports` allow it, else ``None`` (the
+    caller then runs its Triton/torch path): the one call an A/B wiring needs."""
+    if not enabled() or not supports(x, weight, bias, scale):
+        return None
+    return gemv(x, weight, bias, scale=scale)
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -24,6 +24,8 @@ def test_unavailable_without_cuda_and_silent():
         assert build.load.__wrapped__("gemv") is None
         assert cuda_gemv.available() is False
         assert cuda_gemv.enabled() is False
+        x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+        assert cuda_gemv.gemv_if_enabled(x, w) is None  # the caller's fallback runs
 
 
 def _bad_operands():
