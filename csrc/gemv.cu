@@ -334,7 +334,9 @@ int launch(const GemvArgs& a, int num_sms, int persistent, int use_pdl, cudaStre
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = use_pdl ? 1 : 0;
-  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, a));
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a);
+  if (err != cudaSuccess) cudaGetLastError();  // reported to the caller; do not leave it pending
+  return static_cast<int>(err);
 }
 
 template <int AT, int WK, int M>
