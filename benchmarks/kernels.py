@@ -432,7 +432,9 @@ def tune(device, smoke, decode_only: bool = False, fp8_only: bool = False) -> di
     # the cast to the dot's dtype is per element (float16: one instruction per pair).
     fp8_cfgs = dec_cfgs[:2] + [dataclasses.replace(base, fp8_via_fp16=True, **kw) for kw in [
         dict(), dict(block_n=128), dict(block_n=128, num_warps=8), dict(num_stages=4),
-        dict(block_n=32, num_stages=4)]]
+        dict(block_n=32, num_stages=4), dict(block_n=128, num_stages=2),
+        dict(block_n=128, num_stages=4), dict(block_n=256, num_stages=2),
+        dict(block_n=256, num_warps=8, num_stages=2), dict(block_n=128, num_warps=2)]]
     out = {}
     if not fp8_only:
         out["decode"] = bench_decode(device, smoke, dec_shapes, configs=dec_cfgs, with_sdpa=False)

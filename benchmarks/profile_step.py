@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--quantization", default=None, help="fp8 / int8 weights")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -30,7 +32,8 @@ def main() -> None:
     from minivllm import LLM, SamplingParams
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16",
-              async_scheduling=not args.no_async_scheduling, max_model_len=4096)
+              async_scheduling=not args.no_async_scheduling, max_model_len=4096,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 10000, (args.num_prompts, args.input_len), generator=g).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
