@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minivllm.kernels.common import cdiv
+from minivllm.kernels.common import cdiv, num_sms
 from minivllm.kernels.kv_store import store_kv
 from minivllm.kernels.paged_decode import (DEFAULT_DECODE_CONFIG, DecodeConfig,
                                            default_decode_config,
@@ -257,7 +257,7 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
                  configs=None, with_sdpa=True, kv_fp8: bool = False) -> list[dict]:
     """``kv_fp8``: the cache in float8 e4m3 (1 byte per element, bf16 queries), bytes counted
     as stored; its ``vs_bf16_rel_err`` compares with the same pool read in bf16."""
-    configs = configs or (default_decode_config(kv_fp8),)
+    configs = configs or (None,)  # None: the kernel's own default for the cache and batch
     num_heads, hkv = heads
     group = num_heads // hkv
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -294,7 +294,9 @@ def bench_decode(device, smoke, shapes, heads=(32, 8), dim=128, bs=16,
                 continue
             row[f"{key}_us"] = ms * 1e3
             row[f"{key}_gbps"] = kv_bytes / (ms * 1e-3) / 1e9
-            row["splits"] = choose_num_splits(batch, hkv, ctx, device, cfg)
+            row["splits"] = choose_num_splits(
+                batch, hkv, ctx, device,
+                cfg or default_decode_config(kv_fp8, batch * hkv, num_sms(device)))
             if len(configs) == 1 and not smoke:
                 row["triton_eager_us"] = eager_time_ms(run) * 1e3
         if kv_fp8:

@@ -54,16 +54,21 @@ class DecodeConfig:
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
-# FP8 caches: 128-row tiles through float16. H100 sweep (kernels.py --tune --decode-only
-# --fp8-only): best or within 2 % of the best on 8 of 9 shapes (batch 128 x 128: 6 % off);
-# W1's batch 256 x 1k context
-# (Qwen3-0.6B heads) 284.9 -> 242.4 µs against 369 µs for the same KV in bf16.
+# FP8 caches: 128-row tiles through float16; 2 warps per program once the batch alone fills
+# the GPU (more programs resident per SM). H100 sweeps (kernels.py --tune --decode-only
+# --fp8-only): W1's batch 256 x 1k context (Qwen3-0.6B heads) 284.9 µs (bf16 tiles) -> 242.4
+# (128 rows, float16) -> 226 (2 warps), against 369 µs for the same KV in bf16; at 1-8
+# sequences 4 warps stay better (1 x 16k: 26 vs 30 µs).
 DEFAULT_FP8_DECODE_CONFIG = DecodeConfig(block_n=128, fp8_via_fp16=True)
+FP8_LARGE_BATCH_DECODE_CONFIG = DecodeConfig(block_n=128, fp8_via_fp16=True, num_warps=2)
 
 
-def default_decode_config(kv_fp8: bool) -> DecodeConfig:
-    """The launch config the kernel uses unless told otherwise, by cache dtype."""
-    return DEFAULT_FP8_DECODE_CONFIG if kv_fp8 else DEFAULT_DECODE_CONFIG
+def default_decode_config(kv_fp8: bool, num_programs: int = 0, sms: int = 1) -> DecodeConfig:
+    """The launch config the kernel uses unless told otherwise: by cache dtype and, for FP8,
+    by whether ``num_programs`` (sequences x KV heads) fill ``sms`` SMs twice over."""
+    if not kv_fp8:
+        return DEFAULT_DECODE_CONFIG
+    return FP8_LARGE_BATCH_DECODE_CONFIG if num_programs >= 2 * sms else DEFAULT_FP8_DECODE_CONFIG
 
 
 @triton.jit
@@ -214,7 +219,7 @@ def paged_decode_attention(
     num_heads = q.shape[1]
     if num_seqs == 0:
         return out
-    config = config or default_decode_config(kv_fp8)
+    config = config or default_decode_config(kv_fp8, num_seqs * num_kv_heads, num_sms(q.device))
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, config)
     if not 1 <= num_splits <= MAX_NUM_SPLITS:

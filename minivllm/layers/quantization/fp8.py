@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivllm.layers.dense import uses_gemv
 from minivllm.layers.quantization.blockwise import BlockQuantLinearMethod
 from minivllm.layers.quantization.formats import FP8_E4M3, per_token_fp8
 
@@ -58,6 +59,11 @@ class Fp8LinearMethod(BlockQuantLinearMethod):
     def matmul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape
         n = layer.weight.shape[0]
+        op = self.gemv_weight(layer)
+        if op is not None and uses_gemv(x, *op):
+            # Batch-1 decode with per-channel scales: the base class's GEMV, one launch
+            # (weight_only_gemm's split-K kernel adds a reduce and a cast: 3 launches, ~2x time).
+            return super().matmul(layer, x)
         if self.use_triton and rows <= WEIGHT_ONLY_MAX_ROWS:
             return self.weight_only_gemm(layer, x)
         if self.use_scaled_mm and (self.device.type == "cpu" or (
