@@ -555,6 +555,11 @@ int dispatch_variant(const GemvArgs& a, const LaunchOpts& o) {
 
 template <int AT, int WK, int IN>
 int dispatch_rows(const GemvArgs& a, int m, const LaunchOpts& o) {
+  // The fused input ops are built for one row only: the model fuses them at batch-1 decode,
+  // and every (row count x variant) instantiation adds to the JIT build.
+  if constexpr (IN != kInPlain) {
+    return m == 1 ? dispatch_variant<AT, WK, IN, 1>(a, o) : -1;
+  }
   switch (m) {
     case 1: return dispatch_variant<AT, WK, IN, 1>(a, o);
     case 2: return dispatch_variant<AT, WK, IN, 2>(a, o);
@@ -605,7 +610,7 @@ int minivllm_gemv_variant(int i, int* rows, int* threads, int* unroll) {
 // y[m, n] = scale[n] * sum_k w[n, k] * in[m, k] + bias[n] for m < num_rows (1..4), enqueued on
 // `stream`, where `in` is x (input_op 0), silu(gate) * up for x = [gate | up] of width 2k (1),
 // or rms_norm(x + residual) * norm_weight (2; residual may be null; residual_out, when not null,
-// receives x + residual). The caller has validated shapes, dtypes and 16-byte alignment (see
+// receives x + residual). The fused input ops (1, 2) take one row. The caller has validated shapes, dtypes and 16-byte alignment (see
 // minivllm/csrc_ops/cuda_gemv.py). Returns 0, a cudaError_t, or -1 for an unsupported combination.
 int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
                   int64_t stride_w_bytes, int weight_kind, const void* bias, const float* scale,

@@ -2,11 +2,12 @@
 
 Same contracts as :func:`minivllm.kernels.gemv.gemv` and :func:`~minivllm.kernels.gemv.rms_norm_gemv`,
 with the same numerics for the fused input ops: ``x`` is ``[M, K]`` fp16/bf16 (``M`` in 1..4;
-``[M, 2K]`` = ``cat(gate, up)`` for ``act="silu_and_mul"``), ``weight`` ``[N, K]`` in ``x``'s
+``[M, 2K]`` = ``cat(gate, up)`` for ``act="silu_and_mul"``; the fused ops take ``M = 1``, the
+batch-1 decode step that uses them), ``weight`` ``[N, K]`` in ``x``'s
 dtype, or 8-bit (fp8 e4m3 / int8) with ``scale`` its float32 ``[N]`` per-row scales; ``bias``
 ``[N]`` in ``x``'s dtype. The kernel reads 16-byte vectors, so it also needs ``K`` a multiple of
 8 (16 for 8-bit weights) and 16-byte aligned rows; the fused RMSNorm stages the normalised rows
-in shared memory (``M * K * 2`` bytes at most 48 KiB). :func:`supports` and
+in shared memory (``K * 2`` bytes, at most 48 KiB). :func:`supports` and
 :func:`supports_rms_norm` say whether operands qualify.
 
 Every operand is validated before anything is built, so bad input raises ``ValueError`` even
@@ -34,7 +35,7 @@ ACTIVATIONS = (None, "silu_and_mul")
 _ACT_CODE = {torch.float16: 0, torch.bfloat16: 1}
 _WEIGHT_CODE = {torch.float8_e4m3fn: 1, torch.int8: 2}
 _IN_PLAIN, _IN_SILU_AND_MUL, _IN_RMS_NORM = 0, 1, 2
-# The fused RMSNorm stages M normalised rows in shared memory; csrc/gemv.cu kMaxStagedBytes.
+# The fused RMSNorm stages its normalised row in shared memory; csrc/gemv.cu kMaxStagedBytes.
 MAX_STAGED_BYTES = 48 * 1024
 # A/B knob for the model: minivllm.layers.gemv_dispatch uses this op only where this is "1".
 ENABLE_ENV = "MINIVLLM_CUDA_GEMV"
@@ -157,6 +158,12 @@ def _aligned(t: torch.Tensor) -> bool:
 def check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    scale: torch.Tensor | None = None, act: str | None = None) -> None:
     """Raise ``ValueError`` unless the CUDA GEMV can compute ``act(x) @ weight.T * scale + bias``."""
+    _check_layout(x, weight, bias, scale, act)
+    _check_device(x, weight, bias, scale)
+
+
+def _check_layout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  scale: torch.Tensor | None, act: str | None) -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if x.dim() != 2 or weight.dim() != 2:
@@ -164,6 +171,8 @@ def check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     m, (n, k) = x.shape[0], weight.shape
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"gemv handles 1..{MAX_ROWS} rows, got {m}")
+    if act is not None and m != 1:
+        raise ValueError(f"the CUDA GEMV fuses {act} for one row, got {m}")
     width = 2 * k if act == "silu_and_mul" else k
     if x.shape[1] != width:
         raise ValueError(f"x has {x.shape[1]} columns, weight {tuple(weight.shape)} wants {width}")
@@ -184,7 +193,6 @@ def check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"the CUDA GEMV reads 16-byte vectors: K ({k}) must be a multiple of {vec} "
                          "and the rows of x and weight 16-byte aligned; use "
                          "minivllm.kernels.gemv.gemv for other layouts")
-    _check_device(x, weight, bias, scale)
 
 
 def check_rms_norm_operands(x: torch.Tensor, residual: torch.Tensor | None,
@@ -193,7 +201,9 @@ def check_rms_norm_operands(x: torch.Tensor, residual: torch.Tensor | None,
                             scale: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` unless the CUDA GEMV can compute
     ``rms_norm(x + residual) * norm_weight @ weight.T * scale + bias``."""
-    check_operands(x, weight, bias, scale)
+    if x.dim() == 2 and x.shape[0] != 1:
+        raise ValueError(f"the CUDA GEMV fuses the RMSNorm for one row, got {x.shape[0]}")
+    _check_layout(x, weight, bias, scale, None)
     m, k = x.shape
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.stride(1) != 1 or not _aligned(residual)):
@@ -204,9 +214,9 @@ def check_rms_norm_operands(x: torch.Tensor, residual: torch.Tensor | None,
         raise ValueError(f"norm weight must be a contiguous, 16-byte aligned [{k}] tensor of "
                          f"{x.dtype}, got {tuple(norm_weight.shape)} {norm_weight.dtype}")
     if m * k * x.element_size() > MAX_STAGED_BYTES:
-        raise ValueError(f"the fused RMSNorm stages {m} x {k} activations in shared memory, more "
+        raise ValueError(f"the fused RMSNorm stages {k} activations in shared memory, more "
                          f"than {MAX_STAGED_BYTES} bytes; use minivllm.kernels.gemv.rms_norm_gemv")
-    _check_device(x, weight, residual, norm_weight)
+    _check_device(x, weight, bias, scale, residual, norm_weight)
 
 
 def _check_device(*tensors: torch.Tensor | None) -> None:

@@ -49,7 +49,33 @@ def _bad_operands():
                          scale=s)),  # K = 40 is not a multiple of 16 one-byte weights
         ("16-byte", dict(x=torch.zeros(1, 60, dtype=bf), weight=torch.zeros(32, 60, dtype=bf))),
         ("CUDA device", dict(x=x, weight=w)),  # well-formed, but on the CPU
+        ("act", dict(x=x, weight=w, act="gelu")),
+        ("columns", dict(x=x, weight=w, act="silu_and_mul")),  # silu_and_mul reads 2K columns
+        ("one row", dict(x=torch.zeros(2, 128, dtype=bf), weight=w, act="silu_and_mul")),
     ]
+
+
+def _bad_norm_operands():
+    bf = torch.bfloat16
+    x, w, nw = torch.zeros(1, 64, dtype=bf), torch.zeros(32, 64, dtype=bf), torch.ones(64, dtype=bf)
+    return [
+        ("one row", dict(x=torch.zeros(2, 64, dtype=bf), residual=None, norm_weight=nw, weight=w)),
+        ("residual", dict(x=x, residual=torch.zeros(1, 64), norm_weight=nw, weight=w)),
+        ("norm weight", dict(x=x, residual=None, norm_weight=nw[:32], weight=w)),
+        ("norm weight", dict(x=x, residual=None, norm_weight=nw.float(), weight=w)),
+        ("shared memory", dict(x=torch.zeros(1, 32768, dtype=bf), residual=None,
+                               norm_weight=torch.ones(32768, dtype=bf),
+                               weight=torch.zeros(8, 32768, dtype=bf))),
+        ("CUDA device", dict(x=x, residual=None, norm_weight=nw, weight=w)),
+    ]
+
+
+@pytest.mark.parametrize("match,kwargs", _bad_norm_operands())
+def test_bad_norm_operands_raise_value_error_without_building(monkeypatch, match, kwargs):
+    monkeypatch.setattr(cuda_gemv, "_library", lambda: pytest.fail("validation must come first"))
+    with pytest.raises(ValueError, match=match):
+        cuda_gemv.rms_norm_gemv(eps=1e-6, **kwargs)
+    assert not cuda_gemv.supports_rms_norm(**kwargs)
 
 
 @pytest.mark.parametrize("match,kwargs", _bad_operands())
