@@ -559,13 +559,14 @@ int dispatch_rows(const GemvArgs& a, int m, const LaunchOpts& o) {
   // and every (row count x variant) instantiation adds to the JIT build.
   if constexpr (IN != kInPlain) {
     return m == 1 ? dispatch_variant<AT, WK, IN, 1>(a, o) : -1;
-  }
-  switch (m) {
-    case 1: return dispatch_variant<AT, WK, IN, 1>(a, o);
-    case 2: return dispatch_variant<AT, WK, IN, 2>(a, o);
-    case 3: return dispatch_variant<AT, WK, IN, 3>(a, o);
-    case 4: return dispatch_variant<AT, WK, IN, 4>(a, o);
-    default: return -1;
+  } else {
+    switch (m) {
+      case 1: return dispatch_variant<AT, WK, IN, 1>(a, o);
+      case 2: return dispatch_variant<AT, WK, IN, 2>(a, o);
+      case 3: return dispatch_variant<AT, WK, IN, 3>(a, o);
+      case 4: return dispatch_variant<AT, WK, IN, 4>(a, o);
+      default: return -1;
+    }
   }
 }
 
