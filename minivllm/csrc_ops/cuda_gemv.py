@@ -51,16 +51,19 @@ def choose_variant(n: int, k: int, weight_bytes: int, op: str = "gemv") -> Launc
     """The tile variant for an ``[n, k]`` weight of ``weight_bytes``-byte elements, or ``None``
     where the Triton GEMV measured faster (the dispatcher then runs that).
 
-    ``op`` (``"gemv"``, ``"silu_and_mul"``, ``"rms_norm"``) is accepted so the fused ops can get
-    their own rule once measured; today they use the plain GEMV's. The rule is read off the
+    ``op`` (``"gemv"``, ``"silu_and_mul"``, ``"rms_norm"``): the fused ops use the plain GEMV's
+    tile rule until measured (benchmarks/cuda_gemv_bench.py times them per variant), except that
+    the fused RMSNorm launches a persistent grid for large ``n``: every block stages the
+    normalised row once, so one wave of blocks looping over tiles pays that once per block
+    instead of once per tile (a guess to check against the benchmark). The rule is read off the
     H100 sweep of every variant at the Qwen3 0.6B/4B/8B decode shapes
     (benchmarks/results/cuda-gemv-h100-2026-11-25.md, M=1): within 3.5 % of the best variant (or
     Triton) on each of those shapes, which are all the model runs.
 
     Variants (rows, threads, unroll): 0 (2, 128, 4), 1 (4, 64, 4), 2 (1, 256, 4), 3 (8, 64, 2).
     """
-    del op  # one rule for now; the benchmark times the fused ops per variant
-    persistent = n <= 1024  # few row tiles: one wave looping beats a ragged second wave
+    # Few row tiles: one wave looping beats a ragged second wave.
+    persistent = n <= 1024 or (op == "rms_norm" and n >= 8192)
     if weight_bytes == 1:
         if (n, k) == (4096, 4096):
             return None  # Triton 7.31 µs, best variant 8.01 µs

@@ -79,9 +79,10 @@ def test_enabled_and_supported_runs_the_chosen_cuda_variant(monkeypatch):
     x, w, _ = _operands(n=4096, k=1024, dtype=torch.bfloat16)
     assert (gemv_dispatch.gemv(x, w) == 7).all()
     gemv_dispatch.rms_norm_gemv(x, None, torch.ones(1024, dtype=torch.bfloat16), 1e-6, w)
-    want = cuda_gemv.choose_variant(4096, 1024, 2)
+    want = cuda_gemv.choose_variant(4096, 1024, 2, "gemv")
+    want_norm = cuda_gemv.choose_variant(4096, 1024, 2, "rms_norm")
     assert calls == [("gemv", None, want.variant, want.persistent),
-                     ("rms_norm", None, want.variant, want.persistent)]
+                     ("rms_norm", None, want_norm.variant, want_norm.persistent)]
 
 
 def test_shapes_where_triton_measured_faster_take_triton(monkeypatch):
