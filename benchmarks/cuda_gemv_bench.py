@@ -190,13 +190,13 @@ def bench_fused(model: str, layer: str, op: str, n: int, k: int, dtypes: list[st
         ref = triton_op(*pairs[0]).float()
         row = dict(model=model, layer=layer, op=op, n=n, k=k, m=1, weight=wname,
                    mb=round(nbytes / 1e6, 2))
-        row["triton_us"] = round(graph_time_us(lambda: [triton_op(w, s) for w, s in pairs],
-                                               copies), 2)
+        row["triton_us"] = round(graph_time_us(
+            lambda pairs=pairs: [triton_op(w, s) for w, s in pairs], copies), 2)
         cuda_us, errs = {}, {}
         for name, cfg in configs.items():
             errs[name] = rel_err(cuda_op(*pairs[0], **cfg), ref)
             cuda_us[name] = round(graph_time_us(
-                lambda cfg=cfg: [cuda_op(w, s, **cfg) for w, s in pairs], copies), 2)
+                lambda cfg=cfg, pairs=pairs: [cuda_op(w, s, **cfg) for w, s in pairs], copies), 2)
         best = min(cuda_us, key=cuda_us.get)
         chosen = chosen_config(n, k, pairs[0][0].element_size(), op)
         row.update(cuda_us=cuda_us, cuda_best=best, cuda_best_us=cuda_us[best], chosen=chosen,
@@ -209,9 +209,9 @@ def bench_fused(model: str, layer: str, op: str, n: int, k: int, dtypes: list[st
 
 
 def fused_tables(rows: list[dict], names: list[str]) -> str:
-    lines = ["| model | layer (fused op) | n×k | w | Triton fused µs | CUDA best µs | best | chosen "
-             "| chosen µs | Triton / CUDA best | max rel err vs Triton |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | layer (fused op) | n×k | w | Triton fused µs | CUDA best µs | best | chosen "
+              "| chosen µs | Triton / CUDA best | max rel err vs Triton |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['layer']} ({r['op']}) | {r['n']}×{r['k']} | {r['weight']} "
                      f"| {r['triton_us']} | {r['cuda_best_us']} | {r['cuda_best']} | {r['chosen']} "

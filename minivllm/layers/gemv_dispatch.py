@@ -61,7 +61,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if choice is not None:
             return cuda_gemv.gemv(x, weight, bias, act, scale=scale, variant=choice.variant,
                                   persistent=choice.persistent)
-    from minivllm.kernels.gemv import gemv as triton_gemv  # only the CUDA path needs triton
+    # Imported here: only a CUDA device needs triton.
+    from minivllm.kernels.gemv import gemv as triton_gemv
 
     return triton_gemv(x, weight, bias, act, scale=scale)
 

@@ -230,7 +230,6 @@ def test_rms_norm_input_matches_triton(kind, dtype, with_residual):
 @pytest.mark.parametrize("n,k", NORM_SHAPES)
 @pytest.mark.parametrize("kind,dtype", KINDS)
 def test_rms_norm_gemv_matches_triton_every_variant(n, k, kind, dtype):
-    from minivllm.kernels.gemv import gemv as triton_gemv
     from minivllm.kernels.gemv import rms_norm_gemv as triton_rms_norm_gemv
 
     m = 1
