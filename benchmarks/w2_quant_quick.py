@@ -3,6 +3,9 @@ weights on the same dummy config — the short form of ``latency.py --workload w
 --quantization`` for a device budget that cannot also run the HF peer.
 
     PYTHONPATH=. python benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8 int8
+
+``MINIVLLM_CUDA_GEMV=1`` runs the decode GEMVs (fused norm / SiLU ones included) through the
+CUDA C++ op (csrc/gemv.cu); each row says which implementation ran.
 """
 import gc
 import sys
@@ -37,10 +40,19 @@ def decode_tok_s(model: str, quantization: str | None) -> float:
     return 255 / (times[256] - times[1])
 
 
+def gemv_implementation() -> str:
+    """Which batch-1 GEMV the loaded model runs (decided once, at load)."""
+    from minivllm.layers import gemv_dispatch
+
+    return gemv_dispatch.implementation()
+
+
 if __name__ == "__main__":
     model, modes = sys.argv[1], [None] + sys.argv[2:]
+    print(f"batch-1 GEMV implementation: {gemv_implementation()}", flush=True)
     base = None
     for mode in modes:
         rate = decode_tok_s(model, mode)
         base = base or rate
-        print(f"| {model} | {mode or 'bf16'} | {rate:.0f} decode tok/s | {rate / base:.2f}x |", flush=True)
+        print(f"| {model} | {mode or 'bf16'} | {rate:.0f} decode tok/s | {rate / base:.2f}x "
+              f"| GEMV: {gemv_implementation()} |", flush=True)

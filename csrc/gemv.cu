@@ -28,6 +28,8 @@ namespace {
 // Activation dtypes (x, bias, y) and weight kinds, as passed by the Python wrapper.
 enum ActDtype : int { kActF16 = 0, kActBF16 = 1 };
 enum WeightKind : int { kWeightSame = 0, kWeightFP8 = 1, kWeightINT8 = 2 };
+// What the kernel multiplies the weight by.
+enum InputOp : int { kInPlain = 0, kInSiluMul = 1, kInRmsNorm = 2 };
 
 struct GemvArgs {
   const void* x;
@@ -40,6 +42,13 @@ struct GemvArgs {
   int64_t stride_out;      // elements
   int n;
   int k;
+  // kInRmsNorm only.
+  const void* residual;    // may be null (no residual add)
+  const void* norm_weight;
+  void* residual_out;      // x + residual, written by block 0; null without residual
+  int64_t stride_res;      // elements
+  int64_t stride_res_out;  // elements
+  float eps;
 };
 
 // ---- programmatic dependent launch (no-ops before sm_90) ---------------------------------------
@@ -69,6 +78,11 @@ template <> struct Act<kActF16> {
   }
   static __device__ __forceinline__ float to_float(T v) { return __half2float(v); }
   static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
+  // Two floats rounded to the dtype (round to nearest even), packed low-first.
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
 };
 
 template <> struct Act<kActBF16> {
@@ -79,7 +93,91 @@ template <> struct Act<kActBF16> {
   }
   static __device__ __forceinline__ float to_float(T v) { return __bfloat162float(v); }
   static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
 };
+
+// ---- fused input ops, instruction for instruction as Triton 3.x lowers them on sm_90 -------
+// (tl.exp: multiply by log2(e), ex2.approx; fp32 '/': div.full; tl.rsqrt: rsqrt.approx.ftz),
+// so that the rounded intermediates agree with the Triton GEMV's, not just come close.
+__device__ __forceinline__ float triton_exp(float v) {
+  float r;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(v * 1.4426950408889634f));
+  return r;
+}
+
+__device__ __forceinline__ float triton_div(float a, float b) {
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float triton_rsqrt(float v) {
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+
+// silu(gate) * up for 8 packed activations: silu rounded to the dtype, then the product.
+template <int AT>
+__device__ __forceinline__ uint4 silu_mul8(const uint4& gate, const uint4& up) {
+  const uint32_t g[4] = {gate.x, gate.y, gate.z, gate.w};
+  const uint32_t u[4] = {up.x, up.y, up.z, up.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 gf = Act<AT>::unpack2(g[i]), uf = Act<AT>::unpack2(u[i]);
+    const float2 sf = Act<AT>::unpack2(Act<AT>::pack2(triton_div(gf.x, 1.0f + triton_exp(-gf.x)),
+                                                      triton_div(gf.y, 1.0f + triton_exp(-gf.y))));
+    out[i] = Act<AT>::pack2(sf.x * uf.x, sf.y * uf.y);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// round(x + r) for 8 packed activations (x exactly, without a residual).
+template <int AT>
+__device__ __forceinline__ uint4 add8(const uint4& x, const uint4& r) {
+  const uint32_t a[4] = {x.x, x.y, x.z, x.w};
+  const uint32_t b[4] = {r.x, r.y, r.z, r.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 af = Act<AT>::unpack2(a[i]), bf = Act<AT>::unpack2(b[i]);
+    out[i] = Act<AT>::pack2(af.x + bf.x, af.y + bf.y);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// sumsq + the squares of 8 packed activations.
+template <int AT>
+__device__ __forceinline__ float sum_squares8(const uint4& v, float sumsq) {
+  const uint32_t a[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Act<AT>::unpack2(a[i]);
+    sumsq = fmaf(f.x, f.x, sumsq);
+    sumsq = fmaf(f.y, f.y, sumsq);
+  }
+  return sumsq;
+}
+
+// round(round(v * rstd) * w) for 8 packed activations and norm weights.
+template <int AT>
+__device__ __forceinline__ uint4 normalise8(const uint4& v, const uint4& w, float rstd) {
+  const uint32_t a[4] = {v.x, v.y, v.z, v.w};
+  const uint32_t b[4] = {w.x, w.y, w.z, w.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 n = Act<AT>::unpack2(Act<AT>::pack2(Act<AT>::unpack2(a[i]).x * rstd,
+                                                     Act<AT>::unpack2(a[i]).y * rstd));
+    const float2 wf = Act<AT>::unpack2(b[i]);
+    out[i] = Act<AT>::pack2(n.x * wf.x, n.y * wf.y);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
 
 // Weight elements per 16-byte load, and their float32 values.
 template <int AT, int WK> struct Weight;
@@ -170,8 +268,71 @@ __device__ __forceinline__ void accumulate(const uint4 (&xr)[M][Weight<AT, WK>::
   }
 }
 
+// kInRmsNorm: the block's M input rows, normalised, into `staged` ([M][K] of T, shared memory).
+// Called by every thread of the block once (it synchronises); x is the previous kernel's
+// output, so the caller has waited for it.
+template <int AT, int M, int THREADS>
+__device__ __forceinline__ void stage_rms_norm(const GemvArgs& a, uint4* staged) {
+  using T = typename Act<AT>::T;
+  constexpr int kWarps = THREADS / 32;
+  __shared__ float warp_sumsq[kWarps][M];
+  const int nvec = a.k / 8;  // 16-byte activation vectors per row
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool add_residual = a.residual != nullptr;
+  const bool write_residual = add_residual && a.residual_out != nullptr && blockIdx.x == 0;
+  // Pass 1: v = round(x + residual), its float32 sum of squares, and (block 0) residual_out.
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + m * a.stride_x);
+    const uint4* rr = reinterpret_cast<const uint4*>(static_cast<const T*>(a.residual) +
+                                                     m * a.stride_res);
+    uint4* outr = reinterpret_cast<uint4*>(static_cast<T*>(a.residual_out) + m * a.stride_res_out);
+    float sumsq = 0.0f;
+    for (int i = threadIdx.x; i < nvec; i += THREADS) {
+      uint4 v = xr[i];
+      if (add_residual) v = add8<AT>(v, rr[i]);
+      if (write_residual) outr[i] = v;
+      staged[m * nvec + i] = v;
+      sumsq = sum_squares8<AT>(v, sumsq);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, off);
+    if (lane == 0) warp_sumsq[warp][m] = sumsq;
+  }
+  __syncthreads();
+  // Pass 2: round(round(v * rstd) * norm_weight), in place. Every thread sums the warps' partial
+  // sums in the same order, so all agree on rstd.
+  const uint4* nw = static_cast<const uint4*>(a.norm_weight);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sumsq = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sumsq += warp_sumsq[w][m];
+    const float rstd = triton_rsqrt(triton_div(sumsq, static_cast<float>(a.k)) + a.eps);
+    for (int i = threadIdx.x; i < nvec; i += THREADS)
+      staged[m * nvec + i] = normalise8<AT>(staged[m * nvec + i], nw[i], rstd);
+  }
+  __syncthreads();
+}
+
+// Prefetch into L2 the weight vectors a thread loads first for `tile` (kInRmsNorm: they are in
+// flight while the block waits for the previous kernel and stages its input).
+template <int ROWS, int THREADS, int UNROLL>
+__device__ __forceinline__ void prefetch_first_weights(const GemvArgs& a, int tile, int nvec) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int n = min(tile * ROWS + r, a.n - 1);
+    const uint8_t* row = static_cast<const uint8_t*>(a.w) + static_cast<int64_t>(n) * a.stride_w_bytes;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int v = threadIdx.x + u * THREADS;
+      if (v < nvec) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + static_cast<int64_t>(v) * 16));
+    }
+  }
+}
+
 // ---- the kernel -------------------------------------------------------------------------------
-template <int AT, int WK, int M, int ROWS, int THREADS, int UNROLL>
+template <int AT, int WK, int IN, int M, int ROWS, int THREADS, int UNROLL>
 __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
   using A = Act<AT>;
   using T = typename A::T;
@@ -179,10 +340,12 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
   constexpr int kVec = W::kPerVec;     // weight elements per 16-byte load
   constexpr int kXLoads = kVec / 8;    // 16-byte activation loads (8 values) per weight load
   constexpr int kWarps = THREADS / 32;
+  // 16-byte input loads per activation vector: gate and up for silu_and_mul.
+  constexpr int kInLoads = IN == kInSiluMul ? 2 : 1;
   static_assert(THREADS % 32 == 0, "whole warps");
   static_assert(ROWS * M <= THREADS, "one thread per output in the final reduction");
   // Prefetch all of an iteration's activation vectors when they fit in 64 registers.
-  constexpr bool kPrefetchX = UNROLL * M * kXLoads <= 16;
+  constexpr bool kPrefetchX = UNROLL * M * kXLoads * kInLoads <= 16;
 
   // The next kernel may launch now; it waits for this one to finish before reading y.
   pdl_launch_dependents();
@@ -193,7 +356,26 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
   const int nvec = a.k / kVec;
   const int ntiles = (a.n + ROWS - 1) / ROWS;
   const T* x = static_cast<const T*>(a.x);
+  int64_t stride_x = a.stride_x;
   bool waited = false;
+  if constexpr (IN == kInRmsNorm) {
+    extern __shared__ uint4 staged[];  // [M][K] of T: the normalised input rows
+    prefetch_first_weights<ROWS, THREADS, UNROLL>(a, blockIdx.x, nvec);
+    pdl_wait();
+    waited = true;
+    stage_rms_norm<AT, M, THREADS>(a, staged);
+    x = reinterpret_cast<const T*>(staged);
+    stride_x = a.k;
+  }
+  // The j-th 16-byte vector of input row m under weight vector v, after the input op.
+  auto input = [&](int m, int v, int j) -> uint4 {
+    if constexpr (IN == kInSiluMul) {
+      return silu_mul8<AT>(load_x<T, kVec>(x, stride_x, m, v, j),
+                           load_x<T, kVec>(x + a.k, stride_x, m, v, j));
+    } else {
+      return load_x<T, kVec>(x, stride_x, m, v, j);
+    }
+  };
 
   for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int n0 = tile * ROWS;
@@ -235,8 +417,7 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
           for (int m = 0; m < M; ++m)
 #pragma unroll
             for (int j = 0; j < kXLoads; ++j)
-              xr[u][m][j] = v < nvec ? load_x<T, kVec>(x, a.stride_x, m, v, j)
-                                     : make_uint4(0u, 0u, 0u, 0u);
+              xr[u][m][j] = v < nvec ? input(m, v, j) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
@@ -250,7 +431,7 @@ __global__ void __launch_bounds__(THREADS) gemv_kernel(const GemvArgs a) {
 #pragma unroll
             for (int m = 0; m < M; ++m)
 #pragma unroll
-              for (int j = 0; j < kXLoads; ++j) xr[m][j] = load_x<T, kVec>(x, a.stride_x, m, v, j);
+              for (int j = 0; j < kXLoads; ++j) xr[m][j] = input(m, v, j);
             accumulate<AT, WK, M, ROWS>(xr, wv[u], acc);
           }
         }
@@ -306,28 +487,38 @@ constexpr Variant kVariants[] = {
 };
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
-template <int AT, int WK, int M, int ROWS, int THREADS, int UNROLL>
+template <int AT, int WK, int IN, int M, int ROWS, int THREADS, int UNROLL>
 int launch(const GemvArgs& a, int num_sms, int persistent, int use_pdl, cudaStream_t stream) {
-  auto kernel = gemv_kernel<AT, WK, M, ROWS, THREADS, UNROLL>;
+  auto kernel = gemv_kernel<AT, WK, IN, M, ROWS, THREADS, UNROLL>;
   const int ntiles = (a.n + ROWS - 1) / ROWS;
+  // kInRmsNorm stages the normalised rows in shared memory (the caller keeps it <= 48 KiB).
+  const size_t smem = IN == kInRmsNorm ? static_cast<size_t>(M) * a.k * sizeof(typename Act<AT>::T) : 0;
   int grid = ntiles;
   if (persistent) {  // at most one wave of resident blocks, each looping over tiles
     // Queried once per instantiation (thread-safe static), so later launches, e.g. during a
-    // CUDA-graph capture, make no runtime call besides the launch.
-    static const int per_sm = [] {
+    // CUDA-graph capture, make no runtime call besides the launch. Staged rows depend on K:
+    // that occupancy is asked per launch (a query, no stream work: capture-safe).
+    static const int per_sm_no_smem = [] {
       int blocks = 0;
       if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &blocks, gemv_kernel<AT, WK, M, ROWS, THREADS, UNROLL>, THREADS, 0) != cudaSuccess)
+              &blocks, gemv_kernel<AT, WK, IN, M, ROWS, THREADS, UNROLL>, THREADS, 0) != cudaSuccess)
         blocks = 1;
       return blocks > 0 ? blocks : 1;
     }();
+    int per_sm = per_sm_no_smem;
+    if (smem > 0) {
+      per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem) != cudaSuccess)
+        per_sm = 1;
+      per_sm = per_sm > 0 ? per_sm : 1;
+    }
     const int wave = per_sm * num_sms;
     grid = ntiles < wave ? ntiles : wave;
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(grid), 1, 1);
   config.blockDim = dim3(THREADS, 1, 1);
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -339,14 +530,19 @@ int launch(const GemvArgs& a, int num_sms, int persistent, int use_pdl, cudaStre
   return static_cast<int>(err);
 }
 
-template <int AT, int WK, int M>
-int dispatch_variant(const GemvArgs& a, int variant, int sms, int persistent, int pdl,
-                     cudaStream_t s) {
-  switch (variant) {
-#define MINIVLLM_GEMV_VARIANT(i)                                                         \
-  case i:                                                                                \
-    return launch<AT, WK, M, kVariants[i].rows, kVariants[i].threads, kVariants[i].unroll>( \
-        a, sms, persistent, pdl, s);
+// The launch knobs passed through the dispatch levels below.
+struct LaunchOpts {
+  int variant, num_sms, persistent, use_pdl;
+  cudaStream_t stream;
+};
+
+template <int AT, int WK, int IN, int M>
+int dispatch_variant(const GemvArgs& a, const LaunchOpts& o) {
+  switch (o.variant) {
+#define MINIVLLM_GEMV_VARIANT(i)                                                               \
+  case i:                                                                                      \
+    return launch<AT, WK, IN, M, kVariants[i].rows, kVariants[i].threads, kVariants[i].unroll>( \
+        a, o.num_sms, o.persistent, o.use_pdl, o.stream);
     MINIVLLM_GEMV_VARIANT(0)
     MINIVLLM_GEMV_VARIANT(1)
     MINIVLLM_GEMV_VARIANT(2)
@@ -357,28 +553,45 @@ int dispatch_variant(const GemvArgs& a, int variant, int sms, int persistent, in
   }
 }
 
+template <int AT, int WK, int IN>
+int dispatch_rows(const GemvArgs& a, int m, const LaunchOpts& o) {
+  // The fused input ops are built for one row only: the model fuses them at batch-1 decode,
+  // and every (row count x variant) instantiation adds to the JIT build.
+  if constexpr (IN != kInPlain) {
+    return m == 1 ? dispatch_variant<AT, WK, IN, 1>(a, o) : -1;
+  } else {
+    switch (m) {
+      case 1: return dispatch_variant<AT, WK, IN, 1>(a, o);
+      case 2: return dispatch_variant<AT, WK, IN, 2>(a, o);
+      case 3: return dispatch_variant<AT, WK, IN, 3>(a, o);
+      case 4: return dispatch_variant<AT, WK, IN, 4>(a, o);
+      default: return -1;
+    }
+  }
+}
+
 template <int AT, int WK>
-int dispatch_rows(const GemvArgs& a, int m, int variant, int sms, int persistent, int pdl,
-                  cudaStream_t s) {
-  switch (m) {
-    case 1: return dispatch_variant<AT, WK, 1>(a, variant, sms, persistent, pdl, s);
-    case 2: return dispatch_variant<AT, WK, 2>(a, variant, sms, persistent, pdl, s);
-    case 3: return dispatch_variant<AT, WK, 3>(a, variant, sms, persistent, pdl, s);
-    case 4: return dispatch_variant<AT, WK, 4>(a, variant, sms, persistent, pdl, s);
+int dispatch_input(const GemvArgs& a, int input_op, int m, const LaunchOpts& o) {
+  switch (input_op) {
+    case kInPlain: return dispatch_rows<AT, WK, kInPlain>(a, m, o);
+    case kInSiluMul: return dispatch_rows<AT, WK, kInSiluMul>(a, m, o);
+    case kInRmsNorm: return dispatch_rows<AT, WK, kInRmsNorm>(a, m, o);
     default: return -1;
   }
 }
 
 template <int AT>
-int dispatch_weight(const GemvArgs& a, int weight_kind, int m, int variant, int sms,
-                    int persistent, int pdl, cudaStream_t s) {
+int dispatch_weight(const GemvArgs& a, int weight_kind, int input_op, int m, const LaunchOpts& o) {
   switch (weight_kind) {
-    case kWeightSame: return dispatch_rows<AT, kWeightSame>(a, m, variant, sms, persistent, pdl, s);
-    case kWeightFP8: return dispatch_rows<AT, kWeightFP8>(a, m, variant, sms, persistent, pdl, s);
-    case kWeightINT8: return dispatch_rows<AT, kWeightINT8>(a, m, variant, sms, persistent, pdl, s);
+    case kWeightSame: return dispatch_input<AT, kWeightSame>(a, input_op, m, o);
+    case kWeightFP8: return dispatch_input<AT, kWeightFP8>(a, input_op, m, o);
+    case kWeightINT8: return dispatch_input<AT, kWeightINT8>(a, input_op, m, o);
     default: return -1;
   }
 }
+
+// Most shared memory kInRmsNorm may stage (the default per-block limit: no opt-in needed).
+constexpr int64_t kMaxStagedBytes = 48 * 1024;
 
 }  // namespace
 
@@ -395,14 +608,21 @@ int minivllm_gemv_variant(int i, int* rows, int* threads, int* unroll) {
   return 0;
 }
 
-// y[m, n] = scale[n] * sum_k w[n, k] * x[m, k] + bias[n] for m < num_rows (1..4), enqueued on
-// `stream`. The caller has validated shapes, dtypes and 16-byte alignment (see
+// y[m, n] = scale[n] * sum_k w[n, k] * in[m, k] + bias[n] for m < num_rows (1..4), enqueued on
+// `stream`, where `in` is x (input_op 0), silu(gate) * up for x = [gate | up] of width 2k (1),
+// or rms_norm(x + residual) * norm_weight (2; residual may be null; residual_out, when not null,
+// receives x + residual). The fused input ops (1, 2) take one row. The caller has validated shapes, dtypes and 16-byte alignment (see
 // minivllm/csrc_ops/cuda_gemv.py). Returns 0, a cudaError_t, or -1 for an unsupported combination.
 int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
                   int64_t stride_w_bytes, int weight_kind, const void* bias, const float* scale,
-                  void* out, int64_t stride_out, int num_rows, int n, int k, int variant,
+                  void* out, int64_t stride_out, int num_rows, int n, int k, int input_op,
+                  const void* residual, int64_t stride_res, const void* norm_weight,
+                  void* residual_out, int64_t stride_res_out, float eps, int variant,
                   int num_sms, int persistent, int use_pdl, void* stream) {
   if (n <= 0 || k < 0) return -1;
+  if (input_op == kInRmsNorm &&
+      (norm_weight == nullptr || k % 8 != 0 || static_cast<int64_t>(num_rows) * k * 2 > kMaxStagedBytes))
+    return -1;
   GemvArgs a;
   a.x = x;
   a.w = w;
@@ -414,14 +634,17 @@ int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
   a.stride_out = stride_out;
   a.n = n;
   a.k = k;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  a.residual = residual;
+  a.norm_weight = norm_weight;
+  a.residual_out = residual_out;
+  a.stride_res = stride_res;
+  a.stride_res_out = stride_res_out;
+  a.eps = eps;
+  const LaunchOpts o = {variant, num_sms, persistent, use_pdl, static_cast<cudaStream_t>(stream)};
   switch (act_dtype) {
-    case kActF16:
-      return dispatch_weight<kActF16>(a, weight_kind, num_rows, variant, num_sms, persistent, use_pdl, s);
-    case kActBF16:
-      return dispatch_weight<kActBF16>(a, weight_kind, num_rows, variant, num_sms, persistent, use_pdl, s);
-    default:
-      return -1;
+    case kActF16: return dispatch_weight<kActF16>(a, weight_kind, input_op, num_rows, o);
+    case kActBF16: return dispatch_weight<kActBF16>(a, weight_kind, input_op, num_rows, o);
+    default: return -1;
   }
 }
 
@@ -430,8 +653,8 @@ int minivllm_gemv(const void* x, int64_t stride_x, int act_dtype, const void* w,
 int minivllm_gemv_probe() {
   cudaFuncAttributes attr;
   return static_cast<int>(cudaFuncGetAttributes(
-      &attr, gemv_kernel<kActBF16, kWeightSame, 1, kVariants[0].rows, kVariants[0].threads,
-                         kVariants[0].unroll>));
+      &attr, gemv_kernel<kActBF16, kWeightSame, kInPlain, 1, kVariants[0].rows,
+                         kVariants[0].threads, kVariants[0].unroll>));
 }
 
 const char* minivllm_cuda_error_string(int err) {

@@ -8,10 +8,14 @@ Always optional: each op has a Triton/torch counterpart that the model uses by d
 from minivllm.csrc_ops.cuda_gemv import (
     available,
     check_operands,
+    check_rms_norm_operands,
+    choose_variant,
     enabled,
     gemv,
-    gemv_if_enabled,
+    rms_norm_gemv,
     supports,
+    supports_rms_norm,
 )
 
-__all__ = ["available", "check_operands", "enabled", "gemv", "gemv_if_enabled", "supports"]
+__all__ = ["available", "check_operands", "check_rms_norm_operands", "choose_variant", "enabled",
+           "gemv", "rms_norm_gemv", "supports", "supports_rms_norm"]

@@ -1,8 +1,8 @@
 """The dense (unquantised) matmul every linear layer ends in: ``x @ W.T + b``.
 
-One row on CUDA — batch-1 decode, where the matmul is a weight read — takes the Triton GEMV
-(:mod:`minivllm.kernels.gemv`), which keeps more bytes in flight than cuBLAS's kernels for
-these shapes; everything else is ``F.linear``. Outputs agree to float32 summation order.
+One row on CUDA — batch-1 decode, where the matmul is a weight read — takes the GEMV
+(:mod:`minivllm.layers.gemv_dispatch`: Triton, or the CUDA C++ op where enabled), which keeps
+more bytes in flight than cuBLAS's kernels for these shapes; everything else is ``F.linear``. Outputs agree to float32 summation order.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minivllm.layers import gemv_dispatch
 from minivllm.layers.norm import fused_kernels_apply
 
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
-# 8-bit weights the GEMV reads with a per-output-row scale (see kernels/gemv.py).
+# 8-bit weights the GEMV reads with a per-output-row scale (see layers/gemv_dispatch.py).
 _GEMV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
@@ -30,9 +31,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, by the GEMV kernel for a single CUDA row."""
     if uses_gemv(x, weight):
-        from minivllm.kernels.gemv import gemv  # only the CUDA path needs triton
-
-        return gemv(x, weight, bias)
+        return gemv_dispatch.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -45,9 +44,7 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
     activation never goes through memory); otherwise the activation kernel runs first.
     """
     if uses_gemv(x, weight, scale):
-        from minivllm.kernels.gemv import gemv
-
-        return gemv(x, weight, bias, act="silu_and_mul", scale=scale)
+        return gemv_dispatch.gemv(x, weight, bias, act="silu_and_mul", scale=scale)
     if scale is not None:
         raise ValueError("an 8-bit weight runs here only on the GEMV path")
     from minivllm.layers.activation import silu_and_mul

@@ -23,6 +23,7 @@ from torch import nn
 
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import divide, first_kv_head, kv_heads_per_rank
+from minivllm.layers import gemv_dispatch
 from minivllm.layers.activation import silu_and_mul
 from minivllm.layers.dense import silu_and_mul_linear, uses_gemv
 from minivllm.layers.norm import RMSNorm
@@ -96,9 +97,8 @@ class MergedColumnParallelLinear(nn.Module):
         """
         op = self.method.gemv_weight(self)
         if op is not None and uses_gemv(x, *op) and norm.weight.dtype == x.dtype:
-            from minivllm.kernels.gemv import rms_norm_gemv  # only the CUDA path needs triton
-
-            return rms_norm_gemv(x, residual, norm.weight, norm.eps, op[0], self.bias, op[1])
+            return gemv_dispatch.rms_norm_gemv(x, residual, norm.weight, norm.eps, op[0],
+                                               self.bias, op[1])
         if residual is None:
             return self(norm(x)), x
         x, residual = norm(x, residual)

@@ -18,6 +18,7 @@ from torch import nn
 from minivllm.attention.base import AttentionBackend
 from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup
+from minivllm.layers import gemv_dispatch
 from minivllm.layers.quantization import make_linear_method
 from minivllm.layers.weight_loading import WeightSource
 from minivllm.models.registry import get_model_class
@@ -117,4 +118,6 @@ def load_model(arch: ModelArchConfig, model_dir: Path, backend: AttentionBackend
             missing = model.expected_weight_names() - derived - loaded
             if missing:
                 raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    # Build (or load) the CUDA GEMV now where it is enabled, not in the first forward / capture.
+    gemv_dispatch.prepare(torch.device(device))
     return model.eval()

@@ -24,8 +24,6 @@ def test_unavailable_without_cuda_and_silent():
         assert build.load.__wrapped__("gemv") is None
         assert cuda_gemv.available() is False
         assert cuda_gemv.enabled() is False
-        x, w = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
-        assert cuda_gemv.gemv_if_enabled(x, w) is None  # the caller's fallback runs
 
 
 def _bad_operands():
@@ -51,7 +49,33 @@ def _bad_operands():
                          scale=s)),  # K = 40 is not a multiple of 16 one-byte weights
         ("16-byte", dict(x=torch.zeros(1, 60, dtype=bf), weight=torch.zeros(32, 60, dtype=bf))),
         ("CUDA device", dict(x=x, weight=w)),  # well-formed, but on the CPU
+        ("act", dict(x=x, weight=w, act="gelu")),
+        ("columns", dict(x=x, weight=w, act="silu_and_mul")),  # silu_and_mul reads 2K columns
+        ("one row", dict(x=torch.zeros(2, 128, dtype=bf), weight=w, act="silu_and_mul")),
     ]
+
+
+def _bad_norm_operands():
+    bf = torch.bfloat16
+    x, w, nw = torch.zeros(1, 64, dtype=bf), torch.zeros(32, 64, dtype=bf), torch.ones(64, dtype=bf)
+    return [
+        ("one row", dict(x=torch.zeros(2, 64, dtype=bf), residual=None, norm_weight=nw, weight=w)),
+        ("residual", dict(x=x, residual=torch.zeros(1, 64), norm_weight=nw, weight=w)),
+        ("norm weight", dict(x=x, residual=None, norm_weight=nw[:32], weight=w)),
+        ("norm weight", dict(x=x, residual=None, norm_weight=nw.float(), weight=w)),
+        ("shared memory", dict(x=torch.zeros(1, 32768, dtype=bf), residual=None,
+                               norm_weight=torch.ones(32768, dtype=bf),
+                               weight=torch.zeros(8, 32768, dtype=bf))),
+        ("CUDA device", dict(x=x, residual=None, norm_weight=nw, weight=w)),
+    ]
+
+
+@pytest.mark.parametrize("match,kwargs", _bad_norm_operands())
+def test_bad_norm_operands_raise_value_error_without_building(monkeypatch, match, kwargs):
+    monkeypatch.setattr(cuda_gemv, "_library", lambda: pytest.fail("validation must come first"))
+    with pytest.raises(ValueError, match=match):
+        cuda_gemv.rms_norm_gemv(eps=1e-6, **kwargs)
+    assert not cuda_gemv.supports_rms_norm(**kwargs)
 
 
 @pytest.mark.parametrize("match,kwargs", _bad_operands())
@@ -141,7 +165,8 @@ int minivllm_gemv_variant(int i, int* rows, int* threads, int* unroll) {
 }
 int minivllm_gemv(const void* x, long long sx, int a, const void* w, long long sw, int k,
                   const void* b, const float* s, void* o, long long so, int m, int n, int kk,
-                  int v, int sms, int p, int pdl, void* stream) { return -1; }
+                  int op, const void* r, long long sr, const void* nw, void* ro, long long sro,
+                  float eps, int v, int sms, int p, int pdl, void* stream) { return -1; }
 int minivllm_gemv_probe(void) { return probe_result; }
 const char* minivllm_cuda_error_string(int e) { return "fake driver too old"; }
 """

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.layers import gemv_dispatch
 from minivllm.layers.dense import uses_gemv
 from minivllm.layers.quantization.base import LinearMethod, LoadSpan, RowPart, read_span
 from minivllm.layers.quantization.formats import QuantFormat, dequantize_blockwise, quantize_blockwise, scale_grid_shape
@@ -134,9 +135,7 @@ class BlockQuantLinearMethod(LinearMethod):
         """``x [M, K] @ W^T`` in ``x``'s dtype; subclasses put their fast paths first."""
         op = self.gemv_weight(layer)
         if op is not None and uses_gemv(x, *op):  # batch-1 decode: the bandwidth-bound GEMV
-            from minivllm.kernels.gemv import gemv
-
-            return gemv(x, op[0], scale=op[1])
+            return gemv_dispatch.gemv(x, op[0], scale=op[1])
         if self.use_triton:
             return self.weight_only_gemm(layer, x)
         return self.dequantized_gemm(layer, x)
