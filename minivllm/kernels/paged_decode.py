@@ -118,19 +118,8 @@ def _paged_decode_kernel(
     for tile in range(tile_begin, tile_end):
         pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = pos < seq_len
-        if BLOCK_N % BLOCK_SIZE == 0:
-            # Whole cache blocks per tile: one block-table read per block, not per position
-            # (an FP8 row is only 128 bytes, so per-position index work weighs double there).
-            BLOCKS: tl.constexpr = BLOCK_N // BLOCK_SIZE
-            blk = tile * BLOCKS + tl.arange(0, BLOCKS)
-            block = tl.load(block_table + blk, mask=blk * BLOCK_SIZE < seq_len,
-                            other=0).to(tl.int64)
-            rows = tl.reshape(block[:, None] * stride_c_block
-                              + tl.arange(0, BLOCK_SIZE)[None, :] * stride_c_slot,
-                              [BLOCK_N]) + head_offset
-        else:
-            block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + head_offset
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        rows = block * stride_c_block + (pos % BLOCK_SIZE) * stride_c_slot + head_offset
         kv_mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask,
                     other=0.0).to(q.dtype)

@@ -114,23 +114,3 @@ def test_prefill_tile_shapes(max_query_len_hint, config, device, generator):
     paged_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
                             m.query_start_loc, m.block_tables, hint, batch.scale, config=config)
     _check(out, ref, slice(0, m.num_actual_tokens), F32)
-
-
-@pytest.mark.parametrize("block_n", [32, 128])
-def test_decode_tile_and_cache_block_sizes_differ(block_n, device, generator):
-    """A tile smaller than a cache block (per-position block lookup) and one spanning several
-    blocks (one lookup per block) give the same attention."""
-    from minivllm.kernels.paged_decode import DecodeConfig
-
-    bs = 64
-    seqs = [(bs + 1, 1), (3 * bs + 5, 1), (bs - 1, 1)]
-    batch = make_paged_batch(seqs, block_size=bs, num_kv_heads=2, group=2, head_dim=64,
-                             dtype=F32, device=device, generator=generator)
-    ref, _, _ = reference_output(batch)
-    store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
-    out = torch.full_like(batch.q, float("nan"))
-    m = batch.meta
-    paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, m.seq_lens,
-                           m.query_start_loc, m.block_tables, m.max_seq_len, batch.scale,
-                           num_splits=2, config=DecodeConfig(block_n=block_n))
-    _check(out, ref, slice(0, len(seqs)), F32)
