@@ -4,8 +4,8 @@ weights on the same dummy config — the short form of ``latency.py --workload w
 
     PYTHONPATH=. python benchmarks/w2_quant_quick.py benchmarks/models/qwen3-4b fp8 int8
 
-``MINIVLLM_CUDA_GEMV=1`` runs the decode GEMVs (fused norm / SiLU ones included) through the
-CUDA C++ op (csrc/gemv.cu); each row says which implementation ran.
+The decode GEMVs run through the CUDA C++ op (csrc/gemv.cu) where it builds, per shape where it
+measured faster; ``MINIVLLM_CUDA_GEMV=0`` keeps Triton. Each row says which implementation ran.
 """
 import gc
 import sys

@@ -51,17 +51,22 @@ def choose_variant(n: int, k: int, weight_bytes: int, op: str = "gemv") -> Launc
     """The tile variant for an ``[n, k]`` weight of ``weight_bytes``-byte elements, or ``None``
     where the Triton GEMV measured faster (the dispatcher then runs that).
 
-    ``op`` (``"gemv"``, ``"silu_and_mul"``, ``"rms_norm"``): the fused ops use the plain GEMV's
-    tile rule until measured (benchmarks/cuda_gemv_bench.py times them per variant), except that
-    the fused RMSNorm launches a persistent grid for large ``n``: every block stages the
-    normalised row once, so one wave of blocks looping over tiles pays that once per block
-    instead of once per tile (a guess to check against the benchmark). The rule is read off the
-    H100 sweep of every variant at the Qwen3 0.6B/4B/8B decode shapes
-    (benchmarks/results/cuda-gemv-h100-2026-11-25.md, M=1): within 3.5 % of the best variant (or
-    Triton) on each of those shapes, which are all the model runs.
+    ``op`` (``"gemv"``, ``"silu_and_mul"``, ``"rms_norm"``). Read off the H100 sweeps of every
+    variant at the Qwen3 0.6B/4B/8B decode shapes, M=1 (benchmarks/cuda_gemv_bench.py; results
+    in benchmarks/results/cuda-gemv-h100-2026-11-25.md): the plain GEMV takes the CUDA op
+    (within 3.5 % of its best variant; 1.0-1.45x faster than Triton). The fused ops take it
+    only where it measured faster than Triton's fused kernel: the RMSNorm input with 2-byte
+    weights up to 8192 rows (0.6B qkv 6.62 -> 4.96 µs, gate_up 7.05 -> 6.44, 4B qkv 14.9 ->
+    13.4; 4B gate_up, 19456 rows, was a tie) and with 1-byte weights beyond 8192 rows (4B
+    gate_up 24.0 -> 21.8; below, Triton's 1-byte tiles win: 0.6B qkv 3.29 vs 4.06). The
+    SiLU-and-mul input tied within 3 % everywhere: Triton keeps it.
 
     Variants (rows, threads, unroll): 0 (2, 128, 4), 1 (4, 64, 4), 2 (1, 256, 4), 3 (8, 64, 2).
     """
+    if op == "silu_and_mul":
+        return None
+    if op == "rms_norm" and (n > 8192) != (weight_bytes == 1):
+        return None
     # Few row tiles: one wave looping beats a ragged second wave.
     persistent = n <= 1024 or (op == "rms_norm" and n >= 8192)
     if weight_bytes == 1:
@@ -125,9 +130,10 @@ def available() -> bool:
 
 @functools.cache
 def enabled() -> bool:
-    """``available()`` and ``MINIVLLM_CUDA_GEMV=1`` (read once): the A/B switch for callers.
-    The first call with the switch on builds (or loads) the library: call it at model load."""
-    return os.environ.get(ENABLE_ENV, "0") == "1" and available()
+    """``available()`` unless ``MINIVLLM_CUDA_GEMV=0`` (the A/B switch for benchmarks): on by
+    default where it builds, since it measured faster (W2 Qwen3-0.6B on an H100: 968 -> 1026
+    decode tok/s). The first call builds (or loads) the library: call it at model load."""
+    return os.environ.get(ENABLE_ENV, "1") != "0" and available()
 
 
 def build_seconds() -> float:

@@ -4,7 +4,8 @@ Every GEMV call site of the model (dense and quantised linear layers, the fused 
 qkv / gate_up, the fused SiLU of the down projection, the LM head) calls :func:`gemv` or
 :func:`rms_norm_gemv` here, with the contracts of :mod:`minivllm.kernels.gemv`. They run the
 CUDA op (:mod:`minivllm.csrc_ops.cuda_gemv`, same numerics) where it is enabled
-(``MINIVLLM_CUDA_GEMV=1``, read once, and the library builds and runs here), accepts the
+(the default; ``MINIVLLM_CUDA_GEMV=0``, read once, turns it off; and the library builds
+and runs here), accepts the
 operands (16-byte aligned rows, ...) and its per-shape choice does not prefer Triton; else the
 Triton kernel, which also does the validation: bad input raises ``ValueError`` either way.
 
@@ -37,7 +38,7 @@ def prepare(device: torch.device) -> str:
     impl = implementation() if device.type == "cuda" else TRITON
     if device.type == "cuda":
         extra = (f" (csrc/gemv.cu, built in {cuda_gemv.build_seconds():.1f} s; 0 = cached)"
-                 if impl == CUDA else f" (set {cuda_gemv.ENABLE_ENV}=1 for the CUDA C++ op)")
+                 if impl == CUDA else f" (the CUDA C++ op is off or did not build: {cuda_gemv.ENABLE_ENV})")
         logger.info("batch-1 GEMV: %s%s", impl, extra)
     return impl
 
