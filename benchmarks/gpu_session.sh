@@ -12,6 +12,8 @@
 # diag: the engine GPU tests, W2 (minivllm only) 0.6B bf16 and 4B bf16 vs fp8, the fp8 GEMV tile sweep (~6 min).
 # w1pair: W1 with the auto and the FP8 KV cache in one run, kernel breakdowns in the JSON (~4 min).
 # serve: the serving benchmark (W1 over HTTP) and the classification benchmark, ~4 min.
+# verify: the engine GPU tests (HF fp32, graphs, compile count, the GEMV dispatch), W2 with the HF peer
+#   and fp8 weights, Qwen3-8B bf16 vs fp8 (minivllm only), the kernels.py quantisation figures (~8 min).
 # csrc: the CUDA C++ ops (csrc/, JIT-built): their GPU tests and benchmarks/cuda_gemv_bench.py, ~2 min.
 # The serve stack (fastapi, uvicorn, pydantic, ...) must be in .whl too: see ../shared/device/wheels.sh.
 # Set MINIVLLM_GIT_COMMIT=<sha> (the tree travels without .git) for the result files.
@@ -62,11 +64,19 @@ case "$mode" in
   serve)
     run serving python3 benchmarks/serving.py --model benchmarks/models/qwen3-0.6b --dtype bfloat16 --out "$out"
     run classify python3 benchmarks/classify.py --out "$out" ;;
+  verify)
+    run gpu-tests timeout 200 python3 -m pytest -q -s -x tests/gpu/test_engine_cuda.py \
+      tests/gpu/test_vs_hf.py tests/gpu/test_cuda_gemv.py -k "not every_variant"
+    run w2 timeout 220 python3 benchmarks/latency.py --workload w2 --quantization fp8 --out "$out"
+    run w2-8b timeout 120 python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-8b fp8
+    run kernels-quant timeout 150 python3 benchmarks/kernels.py --quant-only --out "$out"
+    grep -hE "^\||Targets|copy BW" "$out/kernels-quant.log" 2>/dev/null | tail -40 || true
+    grep -hA12 "^| model" "$out/w2.log" 2>/dev/null || true ;;
   csrc)
     run csrc-tests python3 -m pytest -q -s tests/gpu/test_cuda_gemv.py
     run cuda-gemv python3 benchmarks/cuda_gemv_bench.py
     grep -hE "^\||build_s|wrote" "$out/cuda-gemv.log" 2>/dev/null || true ;;
-  *) echo "unknown mode $mode (quick, full, quant, diag, w1pair, serve, csrc)" >&2; exit 2 ;;
+  *) echo "unknown mode $mode (quick, full, quant, diag, w1pair, serve, verify, csrc)" >&2; exit 2 ;;
 esac
 grep -hE "identical|logprob - HF|compilations|cosine error|mean \|" "$out/gpu-tests.log" 2>/dev/null || true
 grep -h "^|" "$out"/w2-*.log "$out"/gemv-*.log 2>/dev/null || true

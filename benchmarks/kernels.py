@@ -514,6 +514,8 @@ def markdown(res: dict) -> str:
                      f"{r.get('triton_ms', math.nan) / flash:.2f} | "
                      f"{r.get('sdpa_cudnn_tflops', math.nan):.0f} | "
                      f"{r.get('sdpa_flash_rel_err', math.nan):.1e} |")
+    if res.get("fp8_gemm"):
+        lines += ["", fp8_gemm_markdown(res["fp8_gemm"], res.get("copy_gbps"))]
     lines += ["", "## Targets (H100)", ""] + [f"- {t}" for t in targets(res)]
     return "\n".join(lines) + "\n"
 
@@ -552,6 +554,9 @@ def main() -> None:
                     help="skip correctness and prefill: copy bandwidth, bf16 and FP8 decode")
     ap.add_argument("--fp8-only", action="store_true",
                     help="with --tune --decode-only: tune only the FP8 decode (and W1 shapes)")
+    ap.add_argument("--quant-only", action="store_true",
+                    help="issue 11's figures only: bf16 vs FP8 decode at >= 32 MB of KV and the "
+                         "weight-quantised GEMMs at decode (M=1, 8, 32) and prefill (M=4096) rows")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -561,17 +566,26 @@ def main() -> None:
     res = dict(device=name, date=datetime.date.today().isoformat(), torch=torch.__version__,
                triton=triton.__version__, command="PYTHONPATH=. python benchmarks/kernels.py "
                + ("--smoke " if args.smoke else "") + ("--tune " if args.tune else "")
-               + ("--decode-only" if args.decode_only else ""))
+               + ("--decode-only" if args.decode_only else "")
+               + ("--quant-only" if args.quant_only else ""))
     slug = "".join(c for c in name.lower().split(" ")[1] if c.isalnum()) if "NVIDIA" in name \
         else "cpu-smoke"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{slug}-{res['date']}" + ("-decode" if args.decode_only else "")
+    stem = f"kernels-{slug}-{res['date']}" + ("-decode" if args.decode_only else "") \
+        + ("-quant" if args.quant_only else "")
 
     def save() -> None:  # after every section, so a crash later keeps what was measured
         (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
 
     t0 = time.time()
+    if args.quant_only:
+        res.update(quant_figures(device, args.smoke))
+        save()
+        md = markdown(res)
+        (out_dir / f"{stem}.md").write_text(md)
+        print(md)
+        return
     res["correctness"] = [] if args.decode_only else check_correctness(device, args.smoke)
     save()
     print(f"[{time.time() - t0:.0f}s] correctness done", flush=True)
@@ -611,6 +625,21 @@ def main() -> None:
         raise SystemExit(f"correctness FAILED: {bad}")
 
 
+def quant_figures(device: torch.device, smoke: bool) -> dict:
+    """The sections issue 11 asks for: copy bandwidth, bf16 vs FP8 decode at W1-like shapes with
+    at least 32 MB of KV read, and the weight-quantised GEMMs at decode and prefill rows."""
+    res: dict = {"correctness": [], "prefill": []}
+    res["copy"] = copy_bandwidth(device, smoke)
+    res["copy_gbps"] = res["copy"]["roofline"]
+    shapes = [(2, 40)] if smoke else [(32, 4096), (128, 1024), (128, 4096), (256, 1024),
+                                      (256, 4096)]
+    res["decode"] = bench_decode(device, smoke, shapes, with_sdpa=False)
+    res["decode_fp8"] = bench_decode(device, smoke, shapes, with_sdpa=False, kv_fp8=True)
+    res["fp8_gemm"] = bench_fp8_gemm(device, smoke, res["copy_gbps"],
+                                     rows_list=None if smoke else [1, 8, 32, 4096])
+    return res
+
+
 # ----------------------------------------------------------------------------- FP8 / INT8 GEMM
 # Qwen3-4B / Qwen3-8B linear layers as (name, N, K): fused qkv, o, fused gate/up, down.
 GEMM_SHAPES = [("4b qkv", 6144, 2560), ("4b o", 2560, 4096), ("4b gate_up", 19456, 2560),
@@ -618,7 +647,8 @@ GEMM_SHAPES = [("4b qkv", 6144, 2560), ("4b o", 2560, 4096), ("4b gate_up", 1945
                ("8b gate_up", 24576, 4096), ("8b down", 4096, 12288)]
 
 
-def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -> list[dict]:
+def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None,
+                   rows_list: list[int] | None = None) -> list[dict]:
     """Weight-quantised GEMMs vs bf16 ``F.linear`` at decode (M = 1..32) and prefill (M = 4096).
 
     Paths: ``bf16`` (cuBLAS); ``fp8_scaled_mm`` (W8A8: per-token activation quantisation, which
@@ -638,7 +668,7 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
 
     dtype = torch.float32 if smoke else torch.bfloat16
     shapes = [("smoke", 256, 128)] if smoke else GEMM_SHAPES
-    rows_list = [1, 32] if smoke else [1, 2, 4, 8, 16, 32, 4096]
+    rows_list = rows_list or ([1, 32] if smoke else [1, 2, 4, 8, 16, 32, 4096])
     gen = torch.Generator(device=device).manual_seed(0)
     rows_out = []
     for name, n, k in shapes:
@@ -676,7 +706,16 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
                 row[f"{path}_weight_gbps"] = n * k * w_bytes / (ms * 1e-3) / 1e9
                 row[f"{path}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
             rows_out.append(row)
-    paths = ["bf16", "fp8_scaled_mm", "fp8_wo", "fp8_wo_dot", "fp8_block_wo", "int8_wo"]
+    print(fp8_gemm_markdown(rows_out, copy_gbps), flush=True)
+    return rows_out
+
+
+GEMM_PATHS = ["bf16", "fp8_scaled_mm", "fp8_wo", "fp8_wo_dot", "fp8_block_wo", "int8_wo"]
+
+
+def fp8_gemm_markdown(rows_out: list[dict], copy_gbps: float | None) -> str:
+    """The weight-quantised GEMM table: decode rows as weight GB/s, prefill rows as TFLOP/s."""
+    paths = GEMM_PATHS
     lines = ["## Weight-quantised GEMM (us; decode: weight GB/s and % of copy BW; prefill: TFLOP/s)",
              "", "| shape | M | " + " | ".join(paths) + " | best 8-bit vs bf16 |",
              "|---|---|" + "---|" * (len(paths) + 1)]
@@ -693,8 +732,7 @@ def bench_fp8_gemm(device: torch.device, smoke: bool, copy_gbps: float | None) -
         best = min(r.get(f"{p}_us", math.inf) for p in paths[1:])
         lines.append(f"| {r['shape']} | {r['m']} | " + " | ".join(cells)
                      + f" | {r.get('bf16_us', math.nan) / best:.2f}x |")
-    print("\n".join(lines), flush=True)
-    return rows_out
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
