@@ -23,16 +23,22 @@ class TensorParallelGroup:
     Attributes:
         rank: this process's rank inside the group (0 samples).
         world_size: number of ranks in the group.
-        group: the ``torch.distributed`` process group (NCCL on CUDA, gloo on CPU).
+        group: the ``torch.distributed`` process group (NCCL on CUDA, gloo on CPU), or
+            ``None`` for the default (world) group.
     """
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        # The world group is kept as None, not as torch's object: then destroy_process_group()
+        # drops the last reference and gloo joins its worker threads right there. Held here,
+        # the group outlived it to interpreter shutdown, where a worker thread still releasing
+        # a tensor of the last collective aborted the process (exit code -6, seen under load).
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        resolved = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(resolved)
+        self.world_size = dist.get_world_size(resolved)
         # broadcast() takes a global rank in older torch; resolve the group's rank 0 once.
-        self._src_global_rank = dist.get_global_rank(group, 0)
-        self.backend = str(dist.get_backend(group))
+        self._src_global_rank = dist.get_global_rank(resolved, 0)
+        self.backend = str(dist.get_backend(resolved))
 
     @property
     def is_first_rank(self) -> bool:

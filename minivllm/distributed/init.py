@@ -84,7 +84,7 @@ def init_distributed(rank: int | None = None, world_size: int | None = None,
     else:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timeout)
-    return TensorParallelGroup(dist.group.WORLD)
+    return TensorParallelGroup()  # the world group
 
 
 def destroy_distributed() -> None:
