@@ -33,7 +33,7 @@ from minivllm.engine.input_processor import (ProcessedPrompt, PromptType, check_
                                              child_request_id)
 from minivllm.engine.scheduler import check_prompt_fits
 from minivllm.engine.serialization import outputs_from_wire, params_to_wire
-from minivllm.engine.stream import RequestFailedError, RequestStream
+from minivllm.engine.stream import OutputQueue, RequestFailedError, RequestStream
 from minivllm.engine_args import EngineArgs
 from minivllm.outputs import RequestOutput
 from minivllm.pooling.async_pooling import PoolingWaiters, run_pooling_async, run_score_async
@@ -53,8 +53,14 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60.0
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: OutputQueue
     num_children: int
+
+
+def _put_all(deliveries: list[tuple[OutputQueue, RequestOutput | BaseException]]) -> None:
+    """On a stream's event loop: one step's outputs for every stream of that loop."""
+    for queue, item in deliveries:
+        queue.put_nowait(item)
 
 
 class AsyncLLM:
@@ -97,7 +103,9 @@ class AsyncLLM:
         """Stream RequestOutputs for one prompt; the last one has ``finished=True``.
 
         ``output_kind``: ``cumulative`` (all text so far), ``delta`` (only the new part) or
-        ``final`` (a single output at the end). Nothing happens until the stream is first
+        ``final`` (a single output at the end). A reader that falls behind the engine gets
+        the outputs it missed merged into one: a delta output then carries several tokens, a
+        cumulative one skips to the latest. Nothing happens until the stream is first
         iterated; then:
 
         Raises:
@@ -165,7 +173,7 @@ class AsyncLLM:
 
     # ---- request life (called by RequestStream) ------------------------------------------
     async def _open(self, prepare: Callable[[], ProcessedPrompt], sampling_params: Any,
-                    request_id: Any, output_kind: str) -> tuple[str, asyncio.Queue]:
+                    request_id: Any, output_kind: str) -> tuple[str, OutputQueue]:
         """Validate, tokenize and queue one request; returns its id and output queue."""
         err = self.client.dead_error()
         if err is not None:
@@ -180,7 +188,7 @@ class AsyncLLM:
         check_prompt_fits(len(processed.prompt_token_ids), self.max_model_len)
         rid = request_id if request_id is not None else uuid.uuid4().hex
         now = time.time()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = OutputQueue(output_kind)
         with self._lock:
             self.output_processor.add_request(rid, processed, params, now, output_kind)
             self._streams[rid] = _Stream(loop, queue, params.n)
@@ -241,17 +249,34 @@ class AsyncLLM:
             return False
         return True
 
+    def _deliver_step(self, results: list[RequestOutput]) -> list[str]:
+        """Hand one step's outputs to their streams (call with ``self._lock`` held): one
+        wake-up per event loop, not one per stream. Returns the unfinished requests nobody
+        can read any more (their loop is closed): the caller aborts them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputQueue, Any, RequestOutput]]] = {}
+        for out in results:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                item = RequestFailedError(out.error, out) if out.error is not None else out
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item, out))
+        orphans = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(q, item) for q, item, _ in batch])
+            except RuntimeError:  # that loop is closed
+                for _, _, out in batch:
+                    self._streams.pop(out.request_id, None)
+                    if not out.finished:
+                        orphans.append(out.request_id)
+        return orphans
+
     def _on_core_message(self, kind: str, payload: Any) -> None:
         if kind == "outputs":
             outs = outputs_from_wire(payload)
             outs.outputs = self._pooling.deliver(outs.outputs)
-            orphans = []
             with self._lock:
                 results, to_abort = self.output_processor.process(outs.outputs)
-                for out in results:
-                    item = RequestFailedError(out.error, out) if out.error is not None else out
-                    if not self._deliver(out.request_id, item) and not out.finished:
-                        orphans.append(out.request_id)
+                orphans = self._deliver_step(results)
             if to_abort:
                 self._send_abort(to_abort)
             for rid in orphans:

@@ -15,6 +15,7 @@ that is still running; dropping the last reference to an unfinished stream abort
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,68 @@ class RequestFailedError(RuntimeError):
         self.output = output
 
 
+def merge_outputs(pending: RequestOutput, newer: RequestOutput, output_kind: str) -> RequestOutput:
+    """One output standing for ``pending`` followed by ``newer`` (two outputs of one request
+    that its reader has not taken yet). Cumulative outputs already hold everything: the newer
+    one wins. Delta outputs add up: ``pending`` (which nobody else holds) is extended in place
+    with the text, token ids and logprobs of ``newer``, and takes its finish state."""
+    if output_kind != "delta":
+        return newer
+    older = {c.index: c for c in pending.outputs}
+    for c in newer.outputs:
+        old = older.get(c.index)
+        if old is None:
+            pending.outputs.append(c)
+            continue
+        old.text += c.text
+        old.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + c.logprobs
+        old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+        old.cumulative_logprob = c.cumulative_logprob
+    pending.finished, pending.metrics, pending.error = newer.finished, newer.metrics, newer.error
+    pending.num_cached_tokens = max(pending.num_cached_tokens, newer.num_cached_tokens)
+    if pending.prompt_logprobs is None:  # a delta stream carries them once
+        pending.prompt_logprobs = newer.prompt_logprobs
+    return pending
+
+
+class OutputQueue:
+    """What one request's stream has not read yet, in order, on the stream's event loop.
+
+    Unlike an ``asyncio.Queue``, consecutive outputs merge (``merge_outputs``) while the reader
+    lags: a server streaming to hundreds of clients then writes one chunk of several tokens per
+    client instead of one chunk per token, so falling behind the engine costs less work, not
+    more. Exceptions never merge: they come after everything queued before them.
+    """
+
+    def __init__(self, output_kind: str) -> None:
+        self._items: collections.deque[RequestOutput | BaseException] = collections.deque()
+        self._output_kind = output_kind
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        last = self._items[-1] if self._items else None
+        if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+            self._items[-1] = merge_outputs(last, item, self._output_kind)
+        else:
+            self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class RequestStream:
     """Async iterator of one request's ``RequestOutput``s; the last has ``finished=True``.
 
@@ -48,7 +111,7 @@ class RequestStream:
         self._engine = engine
         self._open_args = (prepare, sampling_params, request_id, output_kind)
         self._state = "new"  # new → running → done
-        self._queue: asyncio.Queue | None = None
+        self._queue: OutputQueue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.request_id: str | None = None  # known once the request is queued
 

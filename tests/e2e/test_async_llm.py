@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -30,11 +31,14 @@ async def _collect(engine, prompt, params, rid, **kw):
     return [out async for out in engine.generate(prompt, params, rid, **kw)]
 
 
-def test_streams_one_token_per_output_and_matches_offline(engine, reference):
+def test_streams_growing_outputs_and_matches_offline(engine, reference):
     prompt = random_prompts([20], seed=51)[0]
     outs = asyncio.run(_collect(engine, prompt, GREEDY, "stream-1"))
-    assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 13))
-    assert [o.finished for o in outs] == [False] * 11 + [True]
+    # One output per step while the reader keeps up; steps it missed arrive merged.
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    assert lengths == sorted(set(lengths)) and lengths[0] >= 1 and lengths[-1] == 12
+    assert len(outs) > 1
+    assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
     expected = reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert outs[-1].outputs[0].token_ids == expected
     assert outs[-1].outputs[0].finish_reason == "length"
@@ -55,6 +59,30 @@ def test_concurrent_requests_each_match_offline_and_delta_mode(engine, reference
         assert outs[-1].outputs[0].token_ids == exp
     for outs, exp in zip(results[3:], expected[3:]):
         assert sum((o.outputs[0].token_ids for o in outs), []) == exp  # deltas add up
+
+
+def test_a_slow_reader_gets_the_steps_it_missed_merged(engine, reference):
+    """A reader that lags the engine gets fewer outputs, each carrying several tokens (delta)
+    or the latest state (cumulative), and nothing is lost or repeated."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
+    prompt = random_prompts([12], seed=57)[0]
+    expected = reference.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+    async def slow(kind):
+        outs = []
+        async for out in engine.generate(prompt, params, f"slow-{kind}", output_kind=kind):
+            outs.append(out)
+            time.sleep(0.05)  # blocks the loop: the engine runs ahead meanwhile
+        return outs
+
+    delta = asyncio.run(slow("delta"))
+    assert len(delta) < 40
+    assert sum((o.outputs[0].token_ids for o in delta), []) == expected.token_ids
+    logprobs = sum((o.outputs[0].logprobs for o in delta), [])
+    assert [set(lp) for lp in logprobs] == [set(lp) for lp in expected.logprobs]
+    assert delta[-1].finished and delta[-1].outputs[0].finish_reason == "length"
+    cumulative = asyncio.run(slow("cumulative"))
+    assert len(cumulative) < 40 and cumulative[-1].outputs[0].token_ids == expected.token_ids
 
 
 def test_abort_and_early_exit_leave_other_requests_untouched(engine, reference):

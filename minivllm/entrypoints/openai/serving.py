@@ -24,12 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from minivllm.engine.core_client import EngineDeadError
 
-try:
-    from minivllm.engine.stream import RequestFailedError
-except ImportError:  # an engine without request-scoped failures: nothing will raise it
-
-    class RequestFailedError(RuntimeError):  # type: ignore[no-redef]
-        """Stand-in for ``minivllm.engine.stream.RequestFailedError``."""
+from minivllm.engine.stream import RequestFailedError, merge_outputs
 from minivllm.entrypoints.openai import responses
 from minivllm.entrypoints.openai.metrics import ServerMetrics
 from minivllm.entrypoints.openai.prompts import Prompt, PromptPreparer
@@ -375,29 +370,36 @@ class OpenAIServing:
         plp_sent: set[tuple[int, int]] = set()
         try:
             while remaining and failed is None:
-                i, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    failed = item
-                    continue
-                now = time.time()
-                new = sum(len(c.token_ids) for c in item.outputs)
-                self.metrics.observe_tokens(now, last_step, new)
-                if new:
-                    last_step = now
-                for c in item.outputs:
-                    lengths[i][c.index] += len(c.token_ids)
-                    if c.finish_reason is not None:
-                        reasons[i][c.index] = c.finish_reason
-                    plp = None
-                    if not job.chat and job.params.prompt_logprobs is not None and (i, c.index) not in plp_sent:
-                        plp = prompt_lps[i]
-                        plp_sent.add((i, c.index))
-                    for chunk in responses.delta_chunks(job.rid, model, created, i * n + c.index, c, tok,
-                                                        job.chat, job.num_top_logprobs, plp):
-                        yield _sse(chunk)
+                # Everything that is waiting, consecutive deltas of a prompt merged: a server
+                # behind the engine writes one chunk per choice, not one per token.
+                waiting = [await queue.get()]
+                while not queue.empty():
+                    waiting.append(queue.get_nowait())
+                for i, item in _merge_waiting(waiting):
+                    if failed is not None:
+                        break
+                    if item is None:
+                        remaining -= 1
+                        continue
+                    if isinstance(item, BaseException):
+                        failed = item
+                        continue
+                    now = time.time()
+                    new = sum(len(c.token_ids) for c in item.outputs)
+                    self.metrics.observe_tokens(now, last_step, new)
+                    if new:
+                        last_step = now
+                    for c in item.outputs:
+                        lengths[i][c.index] += len(c.token_ids)
+                        if c.finish_reason is not None:
+                            reasons[i][c.index] = c.finish_reason
+                        plp = None
+                        if not job.chat and job.params.prompt_logprobs is not None and (i, c.index) not in plp_sent:
+                            plp = prompt_lps[i]
+                            plp_sent.add((i, c.index))
+                        for chunk in responses.delta_chunks(job.rid, model, created, i * n + c.index, c, tok,
+                                                            job.chat, job.num_top_logprobs, plp):
+                            yield _sse(chunk)
         finally:
             # No await in here: when the client is gone this runs inside a cancelled anyio scope,
             # where every await raises again. Cancelled pumps end on their own.
@@ -415,6 +417,24 @@ class OpenAIServing:
                                              sum(len(p.token_ids) for p in job.prompts),
                                              sum(sum(x) for x in lengths)))
         yield b"data: [DONE]\n\n"
+
+
+def _merge_waiting(waiting: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """``(prompt index, delta output | exception | None)`` in arrival order, with each run of
+    outputs of one prompt (nothing else of that prompt between them) merged into one."""
+    merged: list[tuple[int, Any]] = []
+    open_output: dict[int, int] = {}  # prompt -> position of its output that can still grow
+    for i, item in waiting:
+        pos = open_output.get(i)
+        if isinstance(item, RequestOutput) and pos is not None:
+            merged[pos] = (i, merge_outputs(merged[pos][1], item, "delta"))
+            continue
+        if isinstance(item, RequestOutput):
+            open_output[i] = len(merged)
+        else:
+            open_output.pop(i, None)
+        merged.append((i, item))
+    return merged
 
 
 def _sse(data: Any) -> bytes:
