@@ -216,6 +216,8 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "total_tok_s": (in_tokens + out_tokens) / duration_s,
         "ttft_ms": stats([r.ttft_s for r in ok]), "tpot_ms": stats(tpot),
         "itl_ms": stats([x for r in ok for x in r.itl_s]), "e2e_ms": stats([r.e2e_s for r in ok]),
+        # Above 1 when the server fell behind the engine and merged steps into one chunk.
+        "tokens_per_chunk": out_tokens / max(sum(len(r.itl_s) + 1 for r in ok), 1),
     }
 
 
