@@ -159,9 +159,12 @@ def test_dead_engine_core_is_reported(tiny_model_dirs):
         long_params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
 
         async def main():
+            killed = False
             async for out in eng.generate(prompt, long_params, "doomed"):
-                if len(out.outputs[0].token_ids) == 2:
+                # >= : a reader that lags gets steps merged, so exactly 2 may never be seen.
+                if len(out.outputs[0].token_ids) >= 2 and not killed:
                     os.kill(eng.client.proc.pid, signal.SIGKILL)
+                    killed = True
 
         with pytest.raises(EngineDeadError, match="exited unexpectedly"):
             asyncio.run(asyncio.wait_for(main(), 60))  # the pending stream fails promptly
