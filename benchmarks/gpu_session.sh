@@ -14,7 +14,7 @@
 # serve: the serving benchmark (W1 over HTTP) and the classification benchmark, ~4 min.
 # verify: the engine GPU tests (HF fp32, graphs, compile count, the GEMV dispatch), W2 with the HF peer
 #   and fp8 weights, Qwen3-8B bf16 vs fp8 (minivllm only), the kernels.py quantisation figures (~8 min).
-# post: serving.py (0.6B) and the W2-shaped per-step profile of Qwen3-8B bf16 vs fp8 weights (~6 min).
+# post: serving.py (0.6B) and the W2-shaped per-step profiles of Qwen3-0.6B and of Qwen3-8B bf16 vs fp8 weights (~7 min).
 # csrc: the CUDA C++ ops (csrc/, JIT-built): their GPU tests and benchmarks/cuda_gemv_bench.py, ~2 min.
 # The serve stack (fastapi, uvicorn, pydantic, ...) must be in .whl too: see ../shared/device/wheels.sh.
 # Set MINIVLLM_GIT_COMMIT=<sha> (the tree travels without .git) for the result files.
@@ -75,12 +75,14 @@ case "$mode" in
     grep -hA12 "^| model" "$out/w2.log" 2>/dev/null || true ;;
   post)
     run serving timeout 300 python3 benchmarks/serving.py --model benchmarks/models/qwen3-0.6b --dtype bfloat16 --out "$out"
+    run prof-06b timeout 90 python3 benchmarks/profile_step.py --model benchmarks/models/qwen3-0.6b \
+      --num-prompts 1 --input-len 128 --output-len 64 --top 12
     run prof-8b-bf16 timeout 120 python3 benchmarks/profile_step.py --model benchmarks/models/qwen3-8b \
       --num-prompts 1 --input-len 128 --output-len 64 --top 12
     run prof-8b-fp8 timeout 120 python3 benchmarks/profile_step.py --model benchmarks/models/qwen3-8b \
       --num-prompts 1 --input-len 128 --output-len 64 --top 12 --quantization fp8
     grep -hE "^\||tok/s|per step" "$out/serving.log" | tail -12 || true
-    cat "$out/prof-8b-bf16.log" "$out/prof-8b-fp8.log" | grep -v "^\[" | tail -34 || true ;;
+    cat "$out/prof-06b.log" "$out/prof-8b-bf16.log" "$out/prof-8b-fp8.log" | grep -v "^\[" | tail -50 || true ;;
   csrc)
     run csrc-tests python3 -m pytest -q -s tests/gpu/test_cuda_gemv.py
     run cuda-gemv python3 benchmarks/cuda_gemv_bench.py
