@@ -119,6 +119,8 @@ class LLM:
         check_task(self.config.task, is_pooling=False)
         for p in prompts:
             self.engine.check_request(len(p.prompt_token_ids))
+        for sp in {id(sp): sp for sp in params}.values():  # one shared object is checked once
+            self.input_processor.check_params(sp)
         order: dict[str, int] = {}
         now = time.time()
         for i, (prompt, sp) in enumerate(zip(prompts, params)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import reprlib
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+# OpenAI documents logit_bias values in [-100, 100]: enough to force or forbid any token
+# (logits are O(10)), small enough that an added bias never overflows float32.
+MAX_ABS_LOGIT_BIAS = 100.0
 # Positive temperatures below this are raised to it (as vLLM does): logits / T overflows
 # float32 for tiny T, and sampling at T = 0.01 is already indistinguishable from greedy.
 MIN_TEMPERATURE = 1e-2
@@ -75,6 +79,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +92,12 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            # Plain floats: an int bias would otherwise stay an int (and compare unequal after
+            # a msgpack round trip that keeps it one).
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         if 0 < self.temperature < MIN_TEMPERATURE:
@@ -128,6 +140,7 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             check(isinstance(getattr(self, name), bool), name, "a bool")
         self._validate_stops()
+        self._validate_token_restrictions()
 
     def _validate_stops(self) -> None:
         stop = self.stop
@@ -152,6 +165,51 @@ class SamplingParams:
                              f"got {_short_repr(ids)}")
         if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+
+    def _validate_token_restrictions(self) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {_short_repr(bias)}")
+            for t, b in bias.items():
+                if not (is_int(t) and 0 <= t <= INT64_MAX):
+                    raise ValueError("logit_bias keys must be token ids (integers in [0, 2**63-1]), "
+                                     f"got {_short_repr(t)}")
+                v = as_float32(b)
+                if v is None or abs(v) > MAX_ABS_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be numbers in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                                     f"{MAX_ABS_LOGIT_BIAS:g}], got {_short_repr(b)} for token {t}")
+        ids = self.allowed_token_ids
+        if ids is not None:
+            if not (isinstance(ids, (list, tuple))
+                    and all(is_int(t) and 0 <= t <= INT64_MAX for t in ids)):
+                raise ValueError("allowed_token_ids must be a list of integers in [0, 2**63-1], "
+                                 f"got {_short_repr(ids)}")
+            if not ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
+
+    def check_token_ids(self, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+        """Raise ValueError unless this request's ``logit_bias`` / ``allowed_token_ids`` fit a
+        model: ids below ``vocab_size``, and not an allowed set that ``min_tokens`` bans whole.
+
+        Called where the vocabulary is known (the frontend's input processor, the engine
+        core). The second check needs the model's EOS ids: with ``min_tokens`` the stop and
+        EOS ids are banned at first, and an allowed set of only those leaves nothing to sample.
+        """
+        for name, ids in (("logit_bias", self.logit_bias or ()),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            for t in ids:
+                if not 0 <= t < vocab_size:
+                    raise ValueError(f"{name}: token id {t} is out of vocabulary "
+                                     f"(valid: 0..{vocab_size - 1})")
+        if self.allowed_token_ids and self.min_tokens > 0:
+            banned = set(self.stop_token_ids or ())
+            if not self.ignore_eos:
+                banned |= set(eos_token_ids)
+            if set(self.allowed_token_ids) <= banned:
+                raise ValueError(f"allowed_token_ids holds only stop/EOS tokens, which min_tokens="
+                                 f"{self.min_tokens} forbids until then: nothing could be sampled "
+                                 "(allow another token or lower min_tokens)")
 
     @property
     def greedy(self) -> bool:

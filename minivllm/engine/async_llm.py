@@ -183,6 +183,7 @@ class AsyncLLM:
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if request_id is not None and not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        self.input_processor.check_params(params)
         loop = asyncio.get_running_loop()
         processed = await loop.run_in_executor(self._tokenize_pool, prepare)
         check_prompt_fits(len(processed.prompt_token_ids), self.max_model_len)

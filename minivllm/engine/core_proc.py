@@ -54,9 +54,11 @@ def request_from_wire(r: Any, vocab_size: int) -> Request:
     seed = r["seed"]
     if seed is not None and not (is_int(seed) and SEED_MIN <= seed <= SEED_MAX):
         raise ValueError("seed is out of range")
-    return Request(request_id=rid, prompt_token_ids=ids, params=params_from_wire(r["params"]),
-                   arrival_time=float(r["arrival_time"]),
-                   eos_token_ids=frozenset(int(t) for t in r["eos_token_ids"]), seed=seed,
+    params = params_from_wire(r["params"])
+    eos_token_ids = frozenset(int(t) for t in r["eos_token_ids"])
+    params.check_token_ids(vocab_size, eos_token_ids)  # logit_bias / allowed ids index the logits
+    return Request(request_id=rid, prompt_token_ids=ids, params=params,
+                   arrival_time=float(r["arrival_time"]), eos_token_ids=eos_token_ids, seed=seed,
                    pooling_params=PoolingParams.from_wire(r.get("pooling_params")))
 
 

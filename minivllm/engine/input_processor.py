@@ -104,6 +104,11 @@ class InputProcessor:
             if t < 0 or t >= self.vocab_size:
                 raise ValueError(f"token id {t} is out of vocabulary (valid: 0..{self.vocab_size - 1})")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ValueError for token ids in ``params`` that this model cannot sample
+        (``logit_bias``, ``allowed_token_ids``; see ``SamplingParams.check_token_ids``)."""
+        params.check_token_ids(self.vocab_size, self.eos_token_ids)
+
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:
         """One engine ``Request`` per completion. Seeded ``n > 1`` completions get distinct,

@@ -1,9 +1,12 @@
 """Token sampling on the device, vectorised over the batch.
 
-Order of operations per row: penalties and banned tokens on the raw logits → greedy argmax, or
-temperature → top-k → top-p → min-p → draw. Draws use the "exponential race"
-(``argmax(p / E)``, ``E ~ Exp(1)``), which samples exactly from ``p``; each seeded request
-draws its noise from its own generator, so its tokens do not depend on the rest of the batch.
+Order of operations per row: logit bias, penalties and banned tokens on the raw logits → greedy
+argmax, or temperature → top-k → top-p → min-p → draw. The bias comes before the penalties as
+in vLLM v1 (its logits processors run before them); banned tokens (outside ``allowed_token_ids``,
+or EOS/stop ids before ``min_tokens``) are -inf whatever came before. Draws use the
+"exponential race" (``argmax(p / E)``, ``E ~ Exp(1)``), which samples exactly from ``p``; each
+seeded request draws its noise from its own generator, so its tokens do not depend on the rest
+of the batch.
 Logprobs are those of the raw model distribution (before penalties and temperature), as in vLLM.
 """
 
@@ -12,6 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class LogitBias:
+    """``logits[rows[i], token_ids[i]] += values[i]``: only the biased entries cross to the
+    device, never a ``[batch, vocab]`` tensor. A (row, token) pair appears at most once."""
+
+    rows: torch.Tensor  # int64 [K]: index into the step's batch
+    token_ids: torch.Tensor  # int64 [K]
+    values: torch.Tensor  # float32 [K]
 
 
 @dataclass
@@ -35,8 +48,11 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor | None = None  # [B]
     prompt_mask: torch.Tensor | None = None  # bool [B, V]: token occurs in the prompt
     output_counts: torch.Tensor | None = None  # float32 [B, V]: occurrences in the output
-    # bool [B, V] of tokens that must not be sampled now (EOS/stop ids before min_tokens).
+    # bool [B, V] of tokens that must not be sampled now: outside the row's allowed_token_ids,
+    # or EOS/stop ids before min_tokens. Never a whole row (the runner keeps one token open).
     banned_mask: torch.Tensor | None = None
+    # Sparse additive logit bias (None when no row has one).
+    logit_bias: LogitBias | None = None
     # False when no row is greedy: the greedy argmax over the batch is then skipped.
     any_greedy: bool = True
 
@@ -107,6 +123,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs >= 0 else None
+        if md.logit_bias is not None:
+            b = md.logit_bias
+            # Out of place: ``logits`` is the caller's tensor.
+            logits = logits.index_put((b.rows, b.token_ids), b.values, accumulate=True)
         logits = apply_penalties(logits, md)
         if md.banned_mask is not None:
             logits = logits.masked_fill(md.banned_mask, float("-inf"))

@@ -14,7 +14,7 @@ from minivllm.config import ModelArchConfig
 from minivllm.distributed.group import TensorParallelGroup, tp_rank_and_size
 from minivllm.distributed.sharding import kv_cache_heads_per_rank
 from minivllm.engine.scheduler_output import SchedulerOutput
-from minivllm.layers.sampler import Sampler, SamplingMetadata
+from minivllm.layers.sampler import LogitBias, Sampler, SamplingMetadata
 from minivllm.models.loader import load_model
 from minivllm.pooling.pooler import Pooler
 from minivllm.runner.cuda_graphs import DecodeGraphRunner, capture_sizes
@@ -169,8 +169,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_sampler(self, max_num_seqs: int) -> None:
         """Run every sampler path once (greedy, temperature with top-k/top-p/min-p, penalties,
-        bans, logprobs) at a small and the largest batch, on random logits: their kernels load
-        at start-up rather than inside the first request that needs them. CUDA only."""
+        logit bias, bans, logprobs) at a small and the largest batch, on random logits: their
+        kernels load at start-up rather than inside the first request that needs them. CUDA only."""
         if self.device.type != "cuda":
             return
         dev, vocab = self.device, self.arch.vocab_size
@@ -196,6 +196,8 @@ class ModelRunner:
             penalised.prompt_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
             penalised.output_counts = torch.zeros(batch, vocab, device=dev)
             penalised.banned_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=dev)
+            rows = torch.arange(batch, device=dev)
+            penalised.logit_bias = LogitBias(rows, rows, torch.zeros(batch, device=dev))
             for md in variants:
                 out = self.sampler(logits, md)
                 out.sampled_token_ids.to("cpu", non_blocking=True)

@@ -5,14 +5,19 @@ the per-step "does any row need top-k?" decisions) and device columns (gathered 
 row index, so nothing ``[batch, vocab]``-sized is ever built on the host). Penalty state lives
 on the device too: a prompt-occurrence mask and output-token counts per row, updated in place
 from each step's sampled ids, so a token still in flight (overlapped scheduling) is counted.
+``logit_bias`` and ``allowed_token_ids`` are sparse: per-row device tensors of ids (and bias
+values) made when the row is added, concatenated for a step only when the rows that use them
+change; a step in which no row uses them does none of this work.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from minivllm.layers.sampler import SamplingMetadata
+from minivllm.layers.sampler import LogitBias, SamplingMetadata
 from minivllm.runner.staging import StagingBuffer
 from minivllm.sampling_params import SamplingParams
 
@@ -41,6 +46,13 @@ class SamplingRows:
                        ("top_p", torch.float32), ("min_p", torch.float32))}
         self.penalty: _PenaltyState | None = None
         self._dirty_rows: list[int] = []
+        # logit_bias / allowed_token_ids: per row (None: the row uses neither), and how many
+        # rows use them, so that steps without any skip them at the cost of one int test.
+        self.token_rules: list[_RowTokenRules | None] = [None] * max_rows
+        self.has_token_rules = np.zeros(max_rows, bool)
+        self._num_rule_rows = 0
+        self._rules_version = 0  # bumped whenever a row's rules change: invalidates the cache
+        self._step_rules_cache: tuple[tuple, _StepTokenRules] | None = None
 
     # ---- rows ----------------------------------------------------------------------------
     def add(self, row: int, params: SamplingParams, seed: int | None, eos_token_ids: tuple[int, ...],
@@ -59,6 +71,14 @@ class SamplingRows:
         if not params.ignore_eos:
             banned |= set(eos_token_ids)
         self.banned_ids[row] = sorted(i for i in banned if 0 <= i < self.vocab_size)
+        rules = _RowTokenRules.make(params, self.vocab_size, self.device)
+        if (rules is not None and rules.allowed is not None and params.min_tokens > 0
+                and set(rules.allowed) <= set(self.banned_ids[row])):
+            # min_tokens would ban every allowed token: the row would have nothing to sample
+            # (NaN weights, an arbitrary token). ``SamplingParams.check_token_ids`` refuses such
+            # requests; should one get here anyway, the explicit allowed set wins.
+            self.banned_ids[row] = []
+        self._set_token_rules(row, rules)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device)
@@ -79,6 +99,17 @@ class SamplingRows:
         self.generators[row] = None
         self.params[row] = None
         self.uses_penalties[row] = False
+        self._set_token_rules(row, None)
+
+    def _set_token_rules(self, row: int, rules: _RowTokenRules | None) -> None:
+        if self.token_rules[row] is None and rules is None:
+            return  # the common case: nothing to count, and the cache stays valid
+        self._num_rule_rows += int(rules is not None) - int(self.has_token_rules[row])
+        self.token_rules[row] = rules
+        self.has_token_rules[row] = rules is not None
+        self._rules_version += 1
+        if not self._num_rule_rows:
+            self._step_rules_cache = None  # frees its [batch, vocab] mask
 
     def stage(self, staging: StagingBuffer) -> tuple[int, ...] | None:
         """Stage the settings of rows added since the last step (see ``apply``)."""
@@ -119,16 +150,40 @@ class SamplingRows:
         )
         if self.penalty is not None and self.uses_penalties[rows].any():
             self.penalty.fill(md, rows_dev)
+        mask = None
+        if self._num_rule_rows:
+            step_rules = self._step_rules(rows)
+            if step_rules is not None:
+                md.logit_bias = step_rules.bias
+                mask = step_rules.disallowed
         under_min = np.nonzero(self.num_output[rows] < self.min_tokens[rows])[0]
         if len(under_min):
             # Only the (row, token) pairs cross to the device; the mask is built there.
             pairs = [(i, t) for i in under_min.tolist() for t in self.banned_ids[rows[i]]]
-            mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+            if mask is None:
+                mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+            elif pairs:
+                mask = mask.clone()  # the allowed-token mask is cached for later steps
             if pairs:
                 idx = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
                 mask[idx[:, 0], idx[:, 1]] = True
-            md.banned_mask = mask
+        md.banned_mask = mask
         return md
+
+    def _step_rules(self, rows: np.ndarray) -> _StepTokenRules | None:
+        """The bias and allowed-token mask of the rows ``rows`` (None if none of them has
+        rules). Reused while the batch's rows with rules, their order and their rules stay the
+        same: a decode batch changes far less often than once per step."""
+        pos = np.flatnonzero(self.has_token_rules[rows])
+        if not len(pos):
+            return None
+        key = (self._rules_version, len(rows), pos.tobytes(), rows[pos].tobytes())
+        if self._step_rules_cache is not None and self._step_rules_cache[0] == key:
+            return self._step_rules_cache[1]
+        step = _StepTokenRules.make([(int(i), self.token_rules[rows[i]]) for i in pos], len(rows),
+                                    self.vocab_size, self.device)
+        self._step_rules_cache = (key, step)
+        return step
 
     def record_sampled(self, rows: np.ndarray, rows_dev: torch.Tensor,
                        sampled_ids: torch.Tensor) -> None:
@@ -177,3 +232,64 @@ class _PenaltyState:
     def count(self, rows_dev: torch.Tensor, sampled_ids: torch.Tensor) -> None:
         ones = torch.ones(sampled_ids.shape[0], dtype=torch.float32, device=sampled_ids.device)
         self.output_counts.index_put_((rows_dev, sampled_ids), ones, accumulate=True)
+
+
+@dataclass
+class _RowTokenRules:
+    """One row's ``logit_bias`` / ``allowed_token_ids``: host lists and device tensors, made
+    once when the row is added."""
+
+    bias_ids: torch.Tensor | None  # int64 [K] (device)
+    bias_values: torch.Tensor | None  # float32 [K] (device)
+    allowed: list[int] | None  # sorted, unique
+    allowed_ids: torch.Tensor | None  # int64 [M] (device), the same ids
+
+    @staticmethod
+    def make(params: SamplingParams, vocab_size: int, device: torch.device) -> _RowTokenRules | None:
+        # Ids were checked against the vocabulary by the frontend and the core; ones beyond it
+        # (a caller that skipped both) are dropped rather than failing the step's indexing.
+        bias = {t: b for t, b in (params.logit_bias or {}).items() if 0 <= t < vocab_size and b != 0}
+        allowed = (sorted({t for t in params.allowed_token_ids if 0 <= t < vocab_size})
+                   if params.allowed_token_ids else None)
+        if not bias and not allowed:
+            return None
+        bias_ids = bias_values = allowed_ids = None
+        if bias:
+            bias_ids = torch.tensor(list(bias), dtype=torch.int64).to(device)
+            bias_values = torch.tensor(list(bias.values()), dtype=torch.float32).to(device)
+        if allowed:
+            allowed_ids = torch.tensor(allowed, dtype=torch.int64).to(device)
+        return _RowTokenRules(bias_ids, bias_values, allowed or None, allowed_ids)
+
+
+@dataclass
+class _StepTokenRules:
+    """The rules of one batch layout: a sparse bias and the mask of tokens outside the
+    allowed sets (rows without an allowed set are all False)."""
+
+    bias: LogitBias | None
+    disallowed: torch.Tensor | None  # bool [B, V]
+
+    @staticmethod
+    def make(rows: list[tuple[int, _RowTokenRules]], batch: int, vocab_size: int,
+             device: torch.device) -> _StepTokenRules:
+        """``rows``: (index in the batch, that row's rules)."""
+        def flat_rows(parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+            counts = [len(ids) for _, ids in parts]
+            idx = np.repeat(np.asarray([i for i, _ in parts], dtype=np.int64), counts)
+            return torch.from_numpy(idx).to(device, non_blocking=True)
+
+        biased = [(i, r) for i, r in rows if r.bias_ids is not None]
+        bias = None
+        if biased:
+            bias = LogitBias(rows=flat_rows([(i, r.bias_ids) for i, r in biased]),
+                             token_ids=torch.cat([r.bias_ids for _, r in biased]),
+                             values=torch.cat([r.bias_values for _, r in biased]))
+        restricted = [(i, r.allowed_ids) for i, r in rows if r.allowed_ids is not None]
+        disallowed = None
+        if restricted:
+            disallowed = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+            which = torch.tensor([i for i, _ in restricted], dtype=torch.int64).to(device, non_blocking=True)
+            disallowed[which] = True
+            disallowed[flat_rows(restricted), torch.cat([ids for _, ids in restricted])] = False
+        return _StepTokenRules(bias, disallowed)

@@ -49,6 +49,18 @@ def test_tp2_overlapped_seeded_sampling_equals_tp1(tiny_model_dirs):
     assert _generate(model_dir, 2, **kw) == _generate(model_dir, 1, **kw)
 
 
+def test_tp2_logit_bias_and_allowed_ids_equal_tp1(tiny_model_dirs):
+    """Every rank applies the same bias and allowed-token mask (overlapped: each rank feeds its
+    own sampled ids back), so TP=2 samples what TP=1 does, and only allowed tokens."""
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=10, logit_bias={3: 2.0, 4: -1.0},
+                            allowed_token_ids=[1, 2, 3, 4, 5])
+    kw = {"params": params, "async_scheduling": True, "num_kv_blocks": 12}
+    model_dir = tiny_model_dirs["llama"]
+    tp2 = _generate(model_dir, 2, **kw)
+    assert tp2 == _generate(model_dir, 1, **kw)
+    assert {t for ids in tp2 for t in ids} <= {1, 2, 3, 4, 5}
+
+
 def test_killed_worker_fails_generate(tiny_model_dirs):
     llm = LLM(tiny_model_dirs["llama"], device="cpu", tensor_parallel_size=2, block_size=16)
     try:

@@ -38,6 +38,11 @@ HONOURED = [
     {"temperature": 0.8, "max_tokens": 8, "ignore_eos": True, "top_p": 0.5, "seed": 11, "n": 3},
     {"temperature": 0, "max_tokens": 8, "ignore_eos": True, "skip_special_tokens": False},
     {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 3},
+    # Int keys here; the client sends them as JSON object keys ("300"), as OpenAI's logit_bias.
+    {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "logit_bias": {300: 100, 301: -100.0}, "logprobs": 2},
+    {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True, "allowed_token_ids": [300, 301, 302], "seed": 5},
+    {"temperature": 0.7, "max_tokens": 8, "ignore_eos": True, "seed": 2, "n": 2, "logit_bias": {42: 5},
+     "allowed_token_ids": [40, 41, 42, 43]},
 ]
 _STANDARD = {"temperature", "max_tokens", "top_p", "seed", "n", "presence_penalty", "frequency_penalty",
              "logprobs"}
@@ -149,7 +154,6 @@ def test_stream_include_usage(client):
 
 REFUSED = [
     ("completions", {"suffix": "the end"}, "suffix"),
-    ("completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"guided_json": {"type": "object"}}, "guided_json"),
     ("completions", {"use_beam_search": True}, "use_beam_search"),
@@ -157,7 +161,6 @@ REFUSED = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
-    ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("chat", {"echo": True}, "echo"),
     ("chat", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("chat", {"chat_template": "{{ messages }}"}, "chat_template"),
@@ -183,6 +186,64 @@ def test_inert_values_of_refused_fields_are_accepted(chat_server):
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "response_format": {"type": "text"},
         "tools": [], "tool_choice": "none", "logit_bias": {}, "best_of": 1, "user": "u1", "store": False})
     assert status == 200, body
+
+
+def test_chat_logit_bias_and_allowed_token_ids(client, tiny_chat_llm):
+    tok = tiny_chat_llm.get_tokenizer()
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = _render(tok, msgs, add_generation_prompt=True)
+    kw = {"temperature": 0.9, "seed": 4, "max_tokens": 6, "ignore_eos": True}
+    expected = _offline(tiny_chat_llm, ids, logit_bias={300: 100}, **kw)[0]
+    assert expected.token_ids == [300] * 6
+    resp = client.chat.completions.create(model=CHAT_NAME, messages=msgs, max_tokens=6, temperature=0.9, seed=4,
+                                          logit_bias={"300": 100}, extra_body={"ignore_eos": True})
+    assert resp.choices[0].message.content == expected.text
+    expected = _offline(tiny_chat_llm, ids, allowed_token_ids=[300, 301], **kw)[0]
+    resp = client.chat.completions.create(model=CHAT_NAME, messages=msgs, max_tokens=6, temperature=0.9, seed=4,
+                                          extra_body={"ignore_eos": True, "allowed_token_ids": [300, 301]})
+    assert resp.choices[0].message.content == expected.text
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field,value,message", [
+    ("logit_bias", {"abc": 1}, "token ids"),
+    ("logit_bias", {"-5": 1}, "token ids"),
+    ("logit_bias", {" 5": 1}, "token ids"),
+    ("logit_bias", {"5": 1, "05": 2}, "more than once"),
+    ("logit_bias", {"99999999999999999999999": 1}, "token ids"),
+    ("logit_bias", {"5": 101}, "-100, 100"),
+    ("logit_bias", {"5": -1e300}, "-100, 100"),
+    ("logit_bias", {"5": "1"}, "number"),
+    ("logit_bias", {"5": True}, "number"),
+    ("logit_bias", {"5": None}, "number"),
+    ("logit_bias", [5, 1], "object"),
+    ("logit_bias", {"49152": 1}, "out of vocabulary"),
+    ("allowed_token_ids", [], "empty"),
+    ("allowed_token_ids", [-1], "allowed_token_ids"),
+    ("allowed_token_ids", [1, 49152], "out of vocabulary"),
+    ("allowed_token_ids", [1.5], "allowed_token_ids"),
+    ("allowed_token_ids", [2**63], "allowed_token_ids"),
+    ("allowed_token_ids", {"1": 1}, "array"),
+])
+def test_bad_logit_bias_and_allowed_token_ids_are_400_and_the_server_serves(chat_server, endpoint, field, value,
+                                                                           message):
+    body = {"max_tokens": 2, field: value}
+    body.update({"prompt": "Hi"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    status, answer = request(chat_server.port, "POST", endpoint, body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == field
+    assert message in answer["error"]["message"]
+    completion_ok(chat_server.port)
+
+
+def test_allowed_token_ids_that_min_tokens_bans_are_400(chat_server):
+    # EOS (2) is the only allowed token, but min_tokens bans it at first: nothing to sample.
+    status, answer = request(chat_server.port, "POST", "/v1/completions", {
+        "prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "allowed_token_ids": [2]})
+    assert status == 400 and "min_tokens" in answer["error"]["message"], answer
+    status, answer = request(chat_server.port, "POST", "/v1/completions", {
+        "prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "allowed_token_ids": [2], "ignore_eos": True})
+    assert status == 200 and answer["choices"][0]["token_ids"] == [2] * 4, answer
 
 
 def test_unknown_model_and_known_fields_with_bad_types(client):

@@ -17,7 +17,7 @@ FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n",
           "include_stop_str_in_output", "prompt_logprobs", "truncate_prompt_tokens",
           "add_special_tokens", "max_completion_tokens", "messages", "response_format", "tools",
           "tool_choice", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-          "use_beam_search", "no_such_field"]
+          "use_beam_search", "allowed_token_ids", "no_such_field"]
 
 
 def _value(rng: random.Random, depth: int = 0) -> Any:
@@ -36,6 +36,9 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 5 and depth < 2:
         return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
     if kind == 6 and depth < 2:
+        if rng.random() < 0.5:  # token-id keys, as logit_bias has them
+            return {str(rng.choice([0, 5, 300, 49151, 49152, -1, 2**64])): _value(rng, 2)
+                    for _ in range(rng.randrange(3))}
         return {str(_value(rng, 2)): _value(rng, depth + 1) for _ in range(rng.randrange(3))}
     if kind == 7:
         return [rng.randrange(-5, 60000) for _ in range(rng.randrange(6))]

@@ -74,6 +74,25 @@ INVALID = [
     (dict(stop=["x"] * 65), "stop"),
     (dict(stop="x" * 1025), "stop"),
     (dict(stop=["ok", "\ud800"]), "stop"),  # a lone surrogate cannot cross to the core
+    (dict(logit_bias={5: 100.5}), "logit_bias"),  # OpenAI's range is [-100, 100]
+    (dict(logit_bias={5: -101}), "logit_bias"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias"),
+    (dict(logit_bias={5: True}), "logit_bias"),
+    (dict(logit_bias={5: "1"}), "logit_bias"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"),  # keys are ints here (the server converts)
+    (dict(logit_bias={True: 1.0}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={2**63: 1.0}), "logit_bias"),
+    (dict(logit_bias={10**5000: 1.0}), "logit_bias"),
+    (dict(logit_bias=[(5, 1.0)]), "logit_bias"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[1, -1]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[1, True]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[1.0]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[2**63]), "allowed_token_ids"),
+    (dict(allowed_token_ids=5), "allowed_token_ids"),
+    (dict(allowed_token_ids="12"), "allowed_token_ids"),
 ]
 
 
@@ -126,6 +145,8 @@ def test_edges_that_are_valid():
     SamplingParams(seed=-(2**63), max_tokens=2**63 - 1, min_tokens=2**63 - 1)
     SamplingParams(stop=["x"] * 64, stop_token_ids=list(range(1024)))
     SamplingParams(temperature=3e38, top_p=1e-30)
+    SamplingParams(logit_bias={}, allowed_token_ids=[0])
+    SamplingParams(logit_bias={0: -100, 2**63 - 1: 100.0}, allowed_token_ids=[2**63 - 1, 0, 0])
 
 
 def test_tiny_temperature_is_raised_to_a_safe_minimum():

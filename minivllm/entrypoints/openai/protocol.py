@@ -60,7 +60,6 @@ def _refuse(why: str, inert: Callable[[Any], bool] = _falsy) -> tuple[Callable[[
 
 _STRUCTURED = "structured output is not supported yet"
 _COMMON_REFUSED = {
-    "logit_bias": _refuse("logit_bias is not supported"),
     "response_format": _refuse(_STRUCTURED, lambda v: _falsy(v) or v == {"type": "text"}),
     "structured_outputs": _refuse(_STRUCTURED),
     "guided_json": _refuse(_STRUCTURED),
@@ -71,7 +70,6 @@ _COMMON_REFUSED = {
     "guided_whitespace_pattern": _refuse(_STRUCTURED),
     "use_beam_search": _refuse("beam search is not supported"),
     "length_penalty": _refuse("length_penalty (beam search) is not supported", lambda v: v in (None, 1, 1.0)),
-    "allowed_token_ids": _refuse("allowed_token_ids is not supported"),
     "bad_words": _refuse("bad_words is not supported"),
     "logits_processors": _refuse("logits_processors are not supported"),
     "spaces_between_special_tokens": _refuse("spaces_between_special_tokens=false is not supported",
@@ -144,6 +142,9 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool | None = None
     add_special_tokens: bool | None = None
     truncate_prompt_tokens: PositiveInt64 | None = None
+    # OpenAI's: JSON object keys are strings, {"50256": -100}; ints once parsed (``token_logit_bias``).
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[Int64] | None = None  # vLLM's extension
 
     refused_fields: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
@@ -162,20 +163,42 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` keyed by token id; 400 for a key that is not one (or one given twice,
+        as "5" and "05")."""
+        if self.logit_bias is None:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            # Plain ASCII digits only: int() would also take "+5", " 5", "5_0" and "٥".
+            if not (key.isascii() and key.isdigit() and len(key) <= 19):
+                raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got "
+                                   f"{key[:40]!r}", param="logit_bias")
+            token = int(key)
+            if token in bias:
+                raise RequestError(f"logit_bias has token id {token} more than once", param="logit_bias")
+            bias[token] = value
+        return bias
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's view of this request (ValueError → 400 for out-of-range values)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                  "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
-                 "min_tokens", "skip_special_tokens", "include_stop_str_in_output")
+                 "min_tokens", "skip_special_tokens", "include_stop_str_in_output", "allowed_token_ids")
         kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        bias = self.token_logit_bias()
+        if bias:  # {} asks for nothing (OpenAI clients send it as a default)
+            kwargs["logit_bias"] = bias
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   **kwargs)
         except (TypeError, OverflowError) as e:
             raise RequestError(f"bad sampling parameters: {e}") from e
         except ValueError as e:
-            raise RequestError(str(e)) from e
+            # SamplingParams' messages start with the field they are about.
+            field = str(e).split(" ", 1)[0].rstrip(":")
+            raise RequestError(str(e), param=field if field in kwargs else None) from e
 
 
 class CompletionRequest(_Request):

@@ -223,7 +223,7 @@ class OpenAIServing:
         for p in prompts:
             if isinstance(p, str):
                 self.prompts.check_chars(len(p), "prompt")
-        self._check_stop_token_ids(params)
+        self._check_token_ids(params)
         adm = self._admit()
         try:
             add_special = req.add_special_tokens if req.add_special_tokens is not None else True
@@ -243,7 +243,7 @@ class OpenAIServing:
         self.check_model(req.model)
         self._check_counts(req.n, 1)
         params = req.sampling_params(req.max_new_tokens, req.num_logprobs)
-        self._check_stop_token_ids(params)
+        self._check_token_ids(params)
         adm = self._admit()
         try:
             prompt = await self.prompts.chat_prompt(
@@ -263,9 +263,13 @@ class OpenAIServing:
             raise RequestError(f"at most {self.settings.max_prompts_per_request} prompts per request on this "
                                f"server (--max-prompts-per-request), got {num_prompts}", param="prompt")
 
-    def _check_stop_token_ids(self, params: SamplingParams) -> None:
-        if params.stop_token_ids:
-            self.prompts.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """400 naming the field for a token id beyond the vocabulary (the engine would refuse
+        logit_bias / allowed_token_ids too, but without saying which field)."""
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                          ("allowed_token_ids", params.allowed_token_ids)):
+            if ids:
+                self.prompts.check_token_ids(list(ids), name)
 
     # ---- running a job ------------------------------------------------------------------------
     async def _run(self, request: Request, adm: _Admission, job: _Job) -> Response:
