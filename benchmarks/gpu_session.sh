@@ -14,6 +14,7 @@
 # serve: the serving benchmark (W1 over HTTP) and the classification benchmark, ~4 min.
 # verify: the engine GPU tests (HF fp32, graphs, compile count, the GEMV dispatch), W2 with the HF peer
 #   and fp8 weights, Qwen3-8B bf16 vs fp8 (minivllm only), the kernels.py quantisation figures (~8 min).
+# essential: verify's tests and kernels.py figures, W2 0.6B minivllm only (~6 min; a short lease).
 # post: serving.py (0.6B) and the W2-shaped per-step profiles of Qwen3-0.6B and of Qwen3-8B bf16 vs fp8 weights (~7 min).
 # csrc: the CUDA C++ ops (csrc/, JIT-built): their GPU tests and benchmarks/cuda_gemv_bench.py, ~2 min.
 # The serve stack (fastapi, uvicorn, pydantic, ...) must be in .whl too: see ../shared/device/wheels.sh.
@@ -73,6 +74,12 @@ case "$mode" in
     run kernels-quant timeout 150 python3 benchmarks/kernels.py --quant-only --out "$out"
     grep -hE "^\||Targets|copy BW" "$out/kernels-quant.log" 2>/dev/null | tail -40 || true
     grep -hA12 "^| model" "$out/w2.log" 2>/dev/null || true ;;
+  essential)
+    run gpu-tests timeout 200 python3 -m pytest -q -s -x tests/gpu/test_engine_cuda.py \
+      tests/gpu/test_vs_hf.py tests/gpu/test_cuda_gemv.py -k "not every_variant"
+    run kernels-quant timeout 150 python3 benchmarks/kernels.py --quant-only --out "$out"
+    run w2-06b timeout 60 python3 benchmarks/w2_quant_quick.py benchmarks/models/qwen3-0.6b
+    grep -hE "^\||Targets|copy BW" "$out/kernels-quant.log" 2>/dev/null | tail -40 || true ;;
   post)
     run serving timeout 300 python3 benchmarks/serving.py --model benchmarks/models/qwen3-0.6b --dtype bfloat16 --out "$out"
     run prof-06b timeout 90 python3 benchmarks/profile_step.py --model benchmarks/models/qwen3-0.6b \
@@ -87,7 +94,7 @@ case "$mode" in
     run csrc-tests python3 -m pytest -q -s tests/gpu/test_cuda_gemv.py
     run cuda-gemv python3 benchmarks/cuda_gemv_bench.py
     grep -hE "^\||build_s|wrote" "$out/cuda-gemv.log" 2>/dev/null || true ;;
-  *) echo "unknown mode $mode (quick, full, quant, diag, w1pair, serve, verify, post, csrc)" >&2; exit 2 ;;
+  *) echo "unknown mode $mode (quick, full, quant, diag, w1pair, serve, verify, essential, post, csrc)" >&2; exit 2 ;;
 esac
 grep -hE "identical|logprob - HF|compilations|cosine error|mean \|" "$out/gpu-tests.log" 2>/dev/null || true
 grep -h "^|" "$out"/w2-*.log "$out"/gemv-*.log 2>/dev/null || true
