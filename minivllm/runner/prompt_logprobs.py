@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.engine.scheduler_output import PromptLogprobsChunk, SchedulerOutput
+from minivllm.runner.staging import to_device
 
 # Prompt positions sent through the LM head at once: bounds the float32 [rows, vocab] temporaries
 # (256 x 152k vocabulary x 4 bytes = 150 MiB each).
@@ -81,8 +82,8 @@ class PromptLogprobsRows:
         if not segments:
             return None
         dev = hidden.device
-        rows_t = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-        targets_t = torch.tensor(targets, dtype=torch.int64).to(dev, non_blocking=True)
+        rows_t = to_device(rows, torch.int64, dev)
+        targets_t = to_device(targets, torch.int64, dev)
         max_top = max(s.num_top for s in segments)
         target_lps, ranks, top_lps, top_ids = [], [], [], []
         for lo in range(0, len(rows), ROWS_PER_PASS):

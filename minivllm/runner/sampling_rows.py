@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from minivllm.layers.sampler import LogitBias, SamplingMetadata
-from minivllm.runner.staging import StagingBuffer
+from minivllm.runner.staging import StagingBuffer, to_device
 from minivllm.sampling_params import SamplingParams
 
 
@@ -165,7 +165,7 @@ class SamplingRows:
             elif pairs:
                 mask = mask.clone()  # the allowed-token mask is cached for later steps
             if pairs:
-                idx = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
+                idx = to_device(pairs, torch.int64, self.device)
                 mask[idx[:, 0], idx[:, 1]] = True
         md.banned_mask = mask
         return md
@@ -208,10 +208,10 @@ class _PenaltyState:
                   output_ids: list[int]) -> None:
         dev = self.prompt_mask.device
         self.prompt_mask[row].zero_()
-        self.prompt_mask[row, torch.tensor(prompt_ids, dtype=torch.int64).to(dev)] = True
+        self.prompt_mask[row, to_device(prompt_ids, torch.int64, dev)] = True
         self.output_counts[row].zero_()
         if output_ids:
-            ids = torch.tensor(output_ids, dtype=torch.int64).to(dev)
+            ids = to_device(output_ids, torch.int64, dev)
             self.output_counts[row].index_add_(0, ids, torch.ones(len(output_ids), device=dev))
         self.repetition[row] = params.repetition_penalty
         self.presence[row] = params.presence_penalty
@@ -255,10 +255,10 @@ class _RowTokenRules:
             return None
         bias_ids = bias_values = allowed_ids = None
         if bias:
-            bias_ids = torch.tensor(list(bias), dtype=torch.int64).to(device)
-            bias_values = torch.tensor(list(bias.values()), dtype=torch.float32).to(device)
+            bias_ids = to_device(list(bias), torch.int64, device)
+            bias_values = to_device(list(bias.values()), torch.float32, device)
         if allowed:
-            allowed_ids = torch.tensor(allowed, dtype=torch.int64).to(device)
+            allowed_ids = to_device(allowed, torch.int64, device)
         return _RowTokenRules(bias_ids, bias_values, allowed or None, allowed_ids)
 
 
@@ -277,7 +277,7 @@ class _StepTokenRules:
         def flat_rows(parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
             counts = [len(ids) for _, ids in parts]
             idx = np.repeat(np.asarray([i for i, _ in parts], dtype=np.int64), counts)
-            return torch.from_numpy(idx).to(device, non_blocking=True)
+            return to_device(idx, torch.int64, device)
 
         biased = [(i, r) for i, r in rows if r.bias_ids is not None]
         bias = None
@@ -289,7 +289,7 @@ class _StepTokenRules:
         disallowed = None
         if restricted:
             disallowed = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
-            which = torch.tensor([i for i, _ in restricted], dtype=torch.int64).to(device, non_blocking=True)
+            which = to_device([i for i, _ in restricted], torch.int64, device)
             disallowed[which] = True
             disallowed[flat_rows(restricted), torch.cat([ids for _, ids in restricted])] = False
         return _StepTokenRules(bias, disallowed)

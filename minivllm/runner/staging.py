@@ -73,3 +73,17 @@ class StagingBuffer:
             t = dev[offset:offset + nbytes].view(torch.from_numpy(np.empty(0, dtype)).dtype)
             out.append(t.view(shape))
         return out
+
+
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list/array as a device tensor, without waiting for the device.
+
+    A copy from pageable host memory synchronises the stream first (CUDA's rule for pageable
+    transfers), which would stall overlapped scheduling for a whole step; from pinned memory
+    it is queued like a kernel. CPU: the tensor itself.
+    """
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+

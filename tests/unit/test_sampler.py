@@ -9,6 +9,7 @@ the filter arithmetic. Every random draw comes from a fixed seed, so results are
 from __future__ import annotations
 
 import math
+import numpy as np
 
 import pytest
 import torch
@@ -420,3 +421,11 @@ def test_sampled_logprob_is_consistent_with_sampling():
     entropy = -(lp.exp() * lp).sum().item()
     assert out.sampled_logprobs.mean().item() == pytest.approx(-entropy, abs=0.03)
     assert math.isfinite(out.sampled_logprobs.sum().item())
+
+
+def test_to_device_on_cpu_gives_the_values_in_the_dtype():
+    from minivllm.runner.staging import to_device
+
+    out = to_device([(0, 5), (1, 7)], torch.int64, torch.device("cpu"))
+    assert out.dtype == torch.int64 and out.tolist() == [[0, 5], [1, 7]]
+    assert to_device(np.arange(3, dtype=np.int32), torch.int64, torch.device("cpu")).dtype == torch.int64
