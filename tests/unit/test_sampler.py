@@ -9,8 +9,8 @@ the filter arithmetic. Every random draw comes from a fixed seed, so results are
 from __future__ import annotations
 
 import math
-import numpy as np
 
+import numpy as np
 import pytest
 import torch
 
