@@ -17,6 +17,7 @@ from torch import nn
 from minivllm.attention.metadata import AttentionMetadata
 from minivllm.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from minivllm.pooling_params import PoolingParams
+from minivllm.runner.staging import to_device
 
 
 class Pooler:
@@ -74,11 +75,10 @@ class Pooler:
             return None
         rids = [step.req_ids[i] for i in rows]
         params = [self.params[rid] for rid in rids]
-        last = torch.from_numpy(qsl[1:][np.asarray(rows, dtype=np.int64)].astype(np.int64) - 1)
-        if hidden.device.type == "cuda":
-            # Pinned and non-blocking: a pageable copy would wait for the forward pass to end
-            # and stall the host (and with it overlapped scheduling).
-            last = last.pin_memory().to(hidden.device, non_blocking=True)
+        # Pinned and non-blocking on CUDA: a pageable copy would wait for the forward pass to
+        # end and stall the host (and with it overlapped scheduling).
+        last = to_device(qsl[1:][np.asarray(rows, dtype=np.int64)].astype(np.int64) - 1,
+                         torch.int64, hidden.device)
         pooled = hidden[last].float()
         for j, (rid, p) in enumerate(zip(rids, params)):
             if p.pooling_type == "mean":
@@ -98,7 +98,7 @@ class Pooler:
             done = F.normalize(out, p=2.0, dim=-1)
         if all(wanted):
             return done
-        mask = torch.tensor(wanted, device=out.device).unsqueeze(-1)
+        mask = to_device(wanted, torch.bool, out.device).unsqueeze(-1)
         return torch.where(mask, done, out)
 
 
